@@ -1,0 +1,109 @@
+"""The aiohttp application: routes, health endpoints and the lifecycle of each resource.
+
+Each resource lives in its own ``cleanup_ctx`` entry, so teardown runs only for what started,
+in reverse order. ``create_app`` takes its collaborators as arguments: tests pass a recording
+publisher and a fresh metrics registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from relay.auth import Authenticator
+from relay.dispatch import Dispatcher
+from relay.ingress import CallbackHandler
+from relay.metrics import Metrics
+from relay.publisher import AmqpPublisher, Publisher
+from relay.settings import Settings
+
+CALLBACK_PATH = "/tencent-im/callback"
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Process state the health endpoints report; ``draining`` flips at the first SIGTERM."""
+
+    draining: bool = False
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+PUBLISHER = web.AppKey("publisher", Publisher)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    publisher: Publisher | None = None,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    if publisher is None:
+        publisher = AmqpPublisher(
+            settings.amqp_url,
+            settings.exchange,
+            settings.queues,
+            settings.publish_timeout,
+            metrics,
+        )
+    dispatcher = Dispatcher(publisher, metrics)
+    auth = Authenticator(settings.accepted_apps, settings.callback_tokens, settings.signature_max_age, clock)
+    handler = CallbackHandler(auth, dispatcher, metrics, max_body_bytes=settings.max_body_bytes, clock=clock)
+
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[PUBLISHER] = publisher
+    app[DISPATCHER] = dispatcher
+    app[LIFECYCLE] = Lifecycle()
+    app.router.add_post(CALLBACK_PATH, handler.handle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.cleanup_ctx.append(_publisher_ctx)
+    return app
+
+
+async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    publisher = app[PUBLISHER]
+    await publisher.start()
+    yield
+    await publisher.close()
+
+
+def _json(body: dict[str, object], status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def healthz(_: web.Request) -> web.Response:
+    """Liveness: the event loop answers. Never depends on the broker (restarting would not help)."""
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only while a callback would be made safe right now."""
+    app = request.app
+    draining = app[LIFECYCLE].draining
+    broker = app[DISPATCHER].ready
+    ready = broker and not draining
+    return _json(
+        {"status": "ready" if ready else "not_ready", "broker": broker, "draining": draining},
+        200 if ready else 503,
+    )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response

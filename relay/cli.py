@@ -1,0 +1,136 @@
+"""``relay`` command line: serve, check-config, send-sample."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+import aiohttp
+import structlog
+import uvloop
+from aiohttp import web
+
+from relay import log as relay_log
+from relay.app import LIFECYCLE, METRICS, create_app
+from relay.errors import ConfigError
+from relay.samples import KINDS, callback_query, encode, sample_body
+from relay.settings import Settings
+
+log = structlog.get_logger()
+
+
+def _settings(env: Mapping[str, str]) -> Settings | None:
+    try:
+        return Settings.from_env(env)
+    except ConfigError as exc:
+        print("configuration error:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(_: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(env)
+    if settings is None:
+        return 1
+    print(f"configuration OK: {settings!r}")
+    return 0
+
+
+def cmd_serve(_: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(env)
+    if settings is None:
+        return 1
+    relay_log.configure(settings.log_level, settings.log_format)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(settings))
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then shut down in the order Kubernetes needs.
+
+    1. readiness turns 503 at once, intake continues for ``RELAY_SHUTDOWN_DELAY`` seconds while
+       endpoints propagate (a closed port now would refuse callbacks still routed to us);
+    2. the listener closes, in-flight requests finish;
+    3. cleanup contexts run in reverse: publisher closes its connection.
+    """
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=settings.publish_timeout + 2)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    await site.start()
+    log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    app[LIFECYCLE].draining = True
+    log.info("relay.draining", delay=settings.shutdown_delay)
+    await asyncio.sleep(settings.shutdown_delay)
+    await runner.cleanup()
+    metrics = app[METRICS]
+    accepted = sum(
+        s.value
+        for m in metrics.callbacks.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("outcome") == "accepted"
+    )
+    log.info("relay.stopped", callbacks_accepted=int(accepted))
+    return 0
+
+
+def cmd_send_sample(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(env)
+    app_id = args.sdkappid or (sorted(settings.accepted_apps)[0] if settings and settings.accepted_apps else None)
+    if app_id is None:
+        print("send-sample: no SdkAppid; pass --sdkappid or set RELAY_SDKAPPIDS", file=sys.stderr)
+        return 1
+    token = args.token
+    if token is None and settings is not None:
+        tokens = settings.callback_tokens.get(app_id, ())
+        token = tokens[0] if tokens else None
+    port = settings.port if settings else 8080
+    url = args.url or f"http://127.0.0.1:{port}/tencent-im/callback"
+    body = sample_body(args.kind, items=args.items)
+    command = KINDS[args.kind]
+    full_url = f"{url}?{callback_query(command, app_id, token)}"
+    status, reply = asyncio.run(_post(full_url, encode(body)))
+    print(f"POST {url} ({command}, SdkAppid={app_id}, {'signed' if token else 'unsigned'})")
+    print(f"-> {status} {reply}")
+    return 0 if status == 200 else 1
+
+
+async def _post(url: str, body: bytes) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers={"Content-Type": "application/json"}) as response,
+    ):
+        return response.status, await response.text()
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relay", description="Tencent IM recall callbacks to RabbitMQ.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the relay").set_defaults(func=cmd_serve)
+    sub.add_parser("check-config", help="validate the RELAY_* environment").set_defaults(func=cmd_check_config)
+    sample = sub.add_parser("send-sample", help="post a signed sample recall callback to a running relay")
+    sample.add_argument("--kind", choices=sorted(KINDS), default="c2c")
+    sample.add_argument("--items", type=int, default=1, help="messages per group/official-account callback")
+    sample.add_argument("--url", help="callback URL (default: http://127.0.0.1:$RELAY_PORT/tencent-im/callback)")
+    sample.add_argument("--sdkappid", help="SdkAppid (default: the first accepted app)")
+    sample.add_argument("--token", help="callback token (default: the app's first token, if any)")
+    sample.set_defaults(func=cmd_send_sample)
+    args = parser.parse_args(argv)
+    result: int = args.func(args, os.environ if env is None else env)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v1.json) and its AMQP envelope.
+
+Pure data: no I/O, no event loop. An :class:`Envelope` is everything the publisher and the spool
+need, so a spooled event is republished with exactly the bytes and properties of a direct publish.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import orjson
+
+EVENT_VERSION = 1
+EVENT_TYPE = "message.revoked"
+CLOUDEVENTS_TYPE = "im.message.revoked"
+APP_ID = "revoke-relay"
+# Fixed forever: consumers may recompute an eventID from the callback (docs/events.md).
+EVENT_ID_NAMESPACE = uuid.UUID("6f1c2b8e-5d3a-5b7e-9a41-2c0e7d9b4f10")
+
+ConversationType = Literal["c2c", "group", "official_account"]
+Role = Literal["sender", "group_admin", "app_admin", "unknown"]
+
+
+def event_id(sdk_app_id: str, conversation_type: ConversationType, server_key: str) -> str:
+    """Deterministic eventID: a redelivered callback yields the same ID, distinct messages never share one.
+
+    The name is ``<SdkAppid>/<conversation type>/<server key>``; SdkAppid is digits and the type a
+    fixed word, so only the last part can hold a ``/`` and the name stays unambiguous.
+    """
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{sdk_app_id}/{conversation_type}/{server_key}"))
+
+
+def rfc3339_ms(epoch_ms: int) -> str:
+    """Format milliseconds since the epoch as RFC 3339 UTC with exactly three fractional digits."""
+    seconds, millis = divmod(epoch_ms, 1000)
+    return f"{datetime.fromtimestamp(seconds, tz=UTC):%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    user_id: str | None
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    type: ConversationType
+    receiver: str | None = None
+    group_id: str | None = None
+    group_type: str | None = None
+    topic_id: str | None = None
+    official_account: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity of the conversation, used to keep per-conversation order in the spool."""
+        if self.type == "c2c":
+            return f"c2c/{self.receiver}"
+        if self.type == "group":
+            return f"group/{self.group_id}/{self.topic_id or ''}"
+        return f"official_account/{self.official_account}"
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeEvent:
+    """One recalled message, normalized. Field meanings: docs/events.md."""
+
+    event_id: str
+    msg_id: str
+    msg_key: str | None
+    msg_seq: int | None
+    client_msg_id: str | None
+    operator: Operator
+    reason: str | None
+    sender: str | None
+    conversation: Conversation
+    sdk_app_id: str
+    callback_command: str
+    platform: str | None
+    client_ip: str | None
+    event_time_ms: int
+    received_at_ms: int
+
+    @property
+    def routing_key(self) -> str:
+        return f"{EVENT_TYPE}.{self.conversation.type}"
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON body, camelCase in the IM SDK's vocabulary."""
+        c = self.conversation
+        return {
+            "version": EVENT_VERSION,
+            "eventID": self.event_id,
+            "type": EVENT_TYPE,
+            "msgID": self.msg_id,
+            "msgKey": self.msg_key,
+            "msgSeq": self.msg_seq,
+            "clientMsgID": self.client_msg_id,
+            "operator": {"userID": self.operator.user_id, "role": self.operator.role},
+            "reason": self.reason,
+            "sender": self.sender,
+            "conversation": {
+                "type": c.type,
+                "receiver": c.receiver,
+                "groupID": c.group_id,
+                "groupType": c.group_type,
+                "topicID": c.topic_id,
+                "officialAccount": c.official_account,
+            },
+            "sdkAppID": self.sdk_app_id,
+            "callbackCommand": self.callback_command,
+            "platform": self.platform,
+            "clientIP": self.client_ip,
+            "eventTime": rfc3339_ms(self.event_time_ms),
+            "receivedAt": rfc3339_ms(self.received_at_ms),
+        }
+
+    def envelope(self) -> Envelope:
+        event_time = rfc3339_ms(self.event_time_ms)
+        return Envelope(
+            event_id=self.event_id,
+            routing_key=self.routing_key,
+            body=orjson.dumps(self.to_dict()),
+            timestamp=self.received_at_ms // 1000,
+            source=f"tencent-im/{self.sdk_app_id}",
+            subject=self.msg_id,
+            time=event_time,
+            conversation_key=self.conversation.key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An event ready to publish: body bytes plus what its AMQP properties and headers derive from."""
+
+    event_id: str
+    routing_key: str
+    body: bytes
+    timestamp: int  # AMQP ``timestamp`` property, seconds: when the relay received the callback
+    source: str
+    subject: str
+    time: str
+    conversation_key: str
+
+    @property
+    def conversation_type(self) -> str:
+        return self.routing_key.rpartition(".")[2]
+
+    def headers(self) -> dict[str, str]:
+        """CloudEvents AMQP binding, binary mode, ``cloudEvents_`` prefix (spec-preferred over ``:``)."""
+        return {
+            "cloudEvents_specversion": "1.0",
+            "cloudEvents_id": self.event_id,
+            "cloudEvents_source": self.source,
+            "cloudEvents_type": CLOUDEVENTS_TYPE,
+            "cloudEvents_subject": self.subject,
+            "cloudEvents_time": self.time,
+        }

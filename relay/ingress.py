@@ -1,0 +1,169 @@
+"""The callback endpoint: query → auth → body → normalize → dispatch → one reply.
+
+The order is deliberate: the cheap checks that need no body (app allow-list, signature) run
+before a byte of the body is read, and the body is read with a size cap and a deadline.
+Replies use Tencent's envelope; ``ErrorInfo`` carries the stable error code and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from relay.auth import Authenticator
+from relay.callback import RECALL_COMMANDS, CallbackQuery, command_label
+from relay.dispatch import Dispatcher
+from relay.errors import STATUS, PublishFailed, Reject, Rejection
+from relay.metrics import Metrics
+from relay.normalize import normalize, parse_object, resolve_command
+
+log = structlog.get_logger()
+
+OK_BODY = orjson.dumps({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
+_FAIL_BODIES = {
+    code: orjson.dumps({"ActionStatus": "FAIL", "ErrorCode": 1, "ErrorInfo": code.value}) for code in Reject
+}
+_JSON = "application/json"
+
+
+def fail_response(code: Reject) -> web.Response:
+    response = web.Response(body=_FAIL_BODIES[code], status=STATUS[code], content_type=_JSON)
+    if STATUS[code] == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+class CallbackHandler:
+    """``POST /tencent-im/callback``."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        body_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.auth = auth
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.clock = clock
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        command: str | None = None
+        outcome = "rejected"
+        try:
+            response, command, outcome = await self._handle(request)
+        except Rejection as rejection:
+            response = self._reject(rejection, request, command)
+            outcome = "unavailable" if rejection.status == 503 else "rejected"
+        self.metrics.callbacks.labels(command_label(command), outcome).inc()
+        self.metrics.request_seconds.labels(outcome).observe(time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str | None, str]:
+        query = CallbackQuery.parse(request.query.items())
+        command = query.command
+        if command is not None and ".CallbackBefore" in command:
+            # Before-event callbacks gate message delivery; the relay never blocks them.
+            return web.Response(body=OK_BODY, content_type=_JSON), command, "ignored"
+        try:
+            self.auth.check(query)
+            if command is not None and command not in RECALL_COMMANDS:
+                return self._ignored(command), command, "ignored"
+            body = await self._read_body(request)
+            received_at_ms = int(self.clock() * 1000)
+            if command is None:
+                command = resolve_command(query, parse_object(body))
+                if command not in RECALL_COMMANDS:
+                    return self._ignored(command), command, "ignored"
+            result = normalize(body, query, received_at_ms)
+        except Rejection as rejection:
+            return self._reject(rejection, request, command), command, "rejected"
+
+        for field in result.anomalies:
+            self.metrics.anomaly(field)
+        if result.anomalies:
+            log.warning("relay.payload_anomaly", command=command, fields=list(result.anomalies))
+
+        envelopes = [event.envelope() for event in result.events]
+        event_ids = [e.event_id for e in envelopes]
+        if envelopes:
+            try:
+                await self.dispatcher.dispatch(envelopes)
+            except PublishFailed as failure:
+                log.error(
+                    "relay.publish_failed",
+                    command=command,
+                    reason=failure.reason,
+                    in_doubt=failure.in_doubt,
+                    detail=failure.detail,
+                    event_ids=event_ids,
+                )
+                return self._reject(Rejection(Reject.PUBLISH_FAILED), request, command), command, "unavailable"
+
+        if result.rejected_items:
+            # The valid items are already safe; the reply still says the callback was not clean.
+            first = result.rejected_items[0]
+            for item in result.rejected_items:
+                self.metrics.rejections.labels(item.code.value).inc()
+            log.warning(
+                "relay.callback_partially_rejected",
+                command=command,
+                event_ids=event_ids,
+                rejected=[{"index": i.index, "code": i.code.value, "detail": i.detail} for i in result.rejected_items],
+            )
+            return fail_response(first.code), command, "partial"
+
+        log.info("relay.callback_accepted", command=command, event_ids=event_ids)
+        return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
+
+    def _ignored(self, command: str) -> web.Response:
+        log.debug("relay.callback_ignored", command=command)
+        return web.Response(body=OK_BODY, content_type=_JSON)
+
+    def _reject(self, rejection: Rejection, request: web.Request, command: str | None) -> web.Response:
+        self.metrics.rejections.labels(rejection.code.value).inc()
+        log.warning(
+            "relay.callback_rejected",
+            code=rejection.code.value,
+            status=rejection.status,
+            detail=rejection.detail,
+            command=command_label(command),
+            peer=request.remote,
+        )
+        response = fail_response(rejection.code)
+        if rejection.code in (Reject.BODY_TOO_LARGE, Reject.BODY_TIMEOUT, Reject.INCOMPLETE_BODY):
+            response.force_close()  # the rest of the body is not worth reading
+        return response
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """Read at most ``max_body_bytes`` within ``body_timeout``; never buffer past the cap."""
+        limit = self.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise Rejection(Reject.BODY_TOO_LARGE, f"Content-Length {request.content_length} > {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise Rejection(Reject.BODY_TOO_LARGE, f"body exceeds {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise Rejection(Reject.BODY_TIMEOUT, f"body not received within {self.body_timeout}s") from None
+        except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+            raise Rejection(Reject.INCOMPLETE_BODY, repr(exc)[:200]) from exc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)

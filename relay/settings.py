@@ -1,0 +1,172 @@
+"""Settings: one frozen object, built once from an environment mapping and validated at start.
+
+Nothing here reads ``os.environ`` by itself; the caller passes the mapping in, so tests build
+settings from plain dicts and the service validates its whole environment before it binds a port.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from relay.errors import ConfigError
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+# AMQP 0-9-1 exchange/queue name domain (what the protocol codec enforces), at most 127 chars.
+_AMQP_NAME = re.compile(r"[A-Za-z0-9\-_.:@#,/+]{1,127}")
+_NAME_RULE = "has characters outside A-Z a-z 0-9 - _ . : @ # , / + (at most 127)"
+_LOG_FORMATS = ("json", "console")
+
+
+def redact_url(url: str) -> str:
+    """Return *url* with any password replaced by ``***`` (safe for logs and reprs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated configuration of one relay process; see the README's configuration table."""
+
+    amqp_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    exchange: str = "im.events"
+    queues: tuple[str, ...] = ()
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces
+    port: int = 8080
+    sdkappids: frozenset[str] = frozenset()
+    # SdkAppid -> every token accepted for it (several during a rotation). Never printed.
+    callback_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    signature_max_age: int = 60
+    max_body_bytes: int = 65536
+    publish_timeout: float = 5.0
+    log_level: str = "info"
+    log_format: str = "json"
+    spool_dir: Path = Path("./spool")
+    spool_max_bytes: int = 256 * 1024 * 1024
+    shutdown_delay: float = 5.0
+    drain_timeout: float = 10.0
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        tokens = {app: "***" for app in self.callback_tokens}
+        return f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r})"
+
+    @property
+    def accepted_apps(self) -> frozenset[str]:
+        """Every SdkAppid the relay serves: listed, or holding a callback token."""
+        return self.sdkappids | frozenset(self.callback_tokens)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from ``RELAY_*`` variables; raise ``ConfigError`` naming every bad one."""
+        problems: list[str] = []
+        values: dict[str, object] = {}
+
+        def get(name: str) -> str | None:
+            raw = env.get(name)
+            return raw.strip() if raw is not None and raw.strip() != "" else None
+
+        def number(name: str, key: str, kind: type[int] | type[float], low: float, high: float) -> None:
+            raw = get(name)
+            if raw is None:
+                return
+            try:
+                value = kind(raw)
+            except ValueError:
+                problems.append(f"{name}: expected a number, got {raw!r}")
+                return
+            if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+                problems.append(f"{name}: must be between {low:g} and {high:g}, got {raw!r}")
+                return
+            values[key] = value
+
+        url = get("RELAY_AMQP_URL")
+        if url is not None:
+            if urlsplit(url).scheme not in ("amqp", "amqps"):
+                problems.append(f"RELAY_AMQP_URL: must start with amqp:// or amqps://, got {redact_url(url)!r}")
+            else:
+                values["amqp_url"] = url
+
+        exchange = get("RELAY_EXCHANGE")
+        if exchange is not None:
+            if exchange.startswith("amq.") or not _AMQP_NAME.fullmatch(exchange):
+                problems.append(f"RELAY_EXCHANGE: {exchange!r} is reserved, too long or {_NAME_RULE}")
+            else:
+                values["exchange"] = exchange
+
+        queues = _split(get("RELAY_QUEUES"))
+        if any(q.startswith("amq.") or not _AMQP_NAME.fullmatch(q) for q in queues):
+            problems.append(f"RELAY_QUEUES: a name is reserved ('amq.'), too long or {_NAME_RULE}")
+        elif len(set(queues)) != len(queues):
+            problems.append("RELAY_QUEUES: a queue is listed twice")
+        else:
+            values["queues"] = tuple(queues)
+
+        host = get("RELAY_HOST")
+        if host is not None:
+            values["host"] = host
+        number("RELAY_PORT", "port", int, 0, 65535)
+
+        apps = _split(get("RELAY_SDKAPPIDS"))
+        bad_apps = [a for a in apps if not a.isdigit()]
+        if bad_apps:
+            problems.append(f"RELAY_SDKAPPIDS: SdkAppids are digits, got {bad_apps!r}")
+        values["sdkappids"] = frozenset(a for a in apps if a.isdigit())
+
+        tokens: dict[str, list[str]] = {}
+        for pair in _split(get("RELAY_CALLBACK_TOKENS")):
+            app, sep, token = pair.partition("=")
+            app, token = app.strip(), token.strip()
+            if not sep or not app.isdigit() or not token:
+                # Name the app part only: the token itself is a secret.
+                problems.append(
+                    f"RELAY_CALLBACK_TOKENS: expected SDKAPPID=TOKEN pairs, got a malformed pair for {app[:20]!r}"
+                )
+                continue
+            tokens.setdefault(app, [])
+            if token not in tokens[app]:
+                tokens[app].append(token)
+        values["callback_tokens"] = {app: tuple(ts) for app, ts in tokens.items()}
+        if not values["sdkappids"] and not tokens and not bad_apps:
+            problems.append("RELAY_SDKAPPIDS: no app is accepted; set RELAY_SDKAPPIDS and/or RELAY_CALLBACK_TOKENS")
+
+        number("RELAY_SIGNATURE_MAX_AGE", "signature_max_age", int, 1, 86400)
+        number("RELAY_MAX_BODY_BYTES", "max_body_bytes", int, 1024, 16 * 1024 * 1024)
+        number("RELAY_PUBLISH_TIMEOUT", "publish_timeout", float, 0.05, 120)
+        number("RELAY_SPOOL_MAX_BYTES", "spool_max_bytes", int, 1024 * 1024, 1 << 50)
+        number("RELAY_SHUTDOWN_DELAY", "shutdown_delay", float, 0, 600)
+        number("RELAY_DRAIN_TIMEOUT", "drain_timeout", float, 0, 600)
+
+        spool_dir = get("RELAY_SPOOL_DIR")
+        if spool_dir is not None:
+            values["spool_dir"] = Path(spool_dir)
+
+        for name, key, allowed in (
+            ("RELAY_LOG_LEVEL", "log_level", _LOG_LEVELS),
+            ("RELAY_LOG_FORMAT", "log_format", _LOG_FORMATS),
+        ):
+            raw = get(name)
+            if raw is None:
+                continue
+            if raw.lower() not in allowed:
+                problems.append(f"{name}: expected one of {', '.join(allowed)}, got {raw!r}")
+            else:
+                values[key] = raw.lower()
+
+        if problems:
+            raise ConfigError(problems)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _split(raw: str | None) -> list[str]:
+    return [item.strip() for item in (raw or "").split(",") if item.strip()]

@@ -1,0 +1,68 @@
+"""Test helpers shared by the tiers: a recording publisher, the event schema, settings builders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from relay.errors import PublishFailed
+from relay.events import Envelope
+from relay.settings import Settings
+
+APP = "1400000001"
+TOKEN = "tok_example_42"
+OTHER_APP = "1400000002"  # accepted without a token
+NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+EVENT_SCHEMA: dict[str, Any] = json.loads(
+    resources.files("relay").joinpath("schema/event.v1.json").read_text(encoding="utf-8")
+)
+_VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
+
+
+def validate_event(body: dict[str, Any]) -> None:
+    """Raise if *body* does not satisfy the published JSON Schema."""
+    _VALIDATOR.validate(body)
+
+
+def make_settings(**overrides: str) -> Settings:
+    env = {
+        "RELAY_SDKAPPIDS": f"{APP},{OTHER_APP}",
+        "RELAY_CALLBACK_TOKENS": f"{APP}={TOKEN}",
+        **overrides,
+    }
+    return Settings.from_env(env)
+
+
+class RecordingPublisher:
+    """A publisher twin: records what it is asked to publish; can be told to fail or stall."""
+
+    def __init__(self) -> None:
+        self.published: list[Envelope] = []
+        self.ready_flag = True
+        self.fail_with: str | None = None
+        self.fail_event_ids: set[str] = set()
+        self.delay = 0.0
+        self.started = False
+        self.closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_flag
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def publish(self, envelope: Envelope) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with is not None or envelope.event_id in self.fail_event_ids:
+            raise PublishFailed(self.fail_with or "returned", "told to fail", in_doubt=self.fail_with == "timeout")
+        self.published.append(envelope)

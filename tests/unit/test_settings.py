@@ -1,0 +1,102 @@
+"""Settings: defaults, validation messages that name the variable, and secret redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.errors import ConfigError
+from relay.settings import Settings
+
+
+def test_defaults_match_the_readme() -> None:
+    """With only an app configured, every other setting takes its documented default."""
+    s = Settings.from_env({"RELAY_SDKAPPIDS": "1400000001"})
+    assert (
+        "amqp://guest:guest@127.0.0.1:5672/",
+        "im.events",
+        (),
+        "0.0.0.0",  # noqa: S104
+        8080,
+        60,
+        65536,
+        5.0,
+        "info",
+        "json",
+        Path("spool"),
+    ) == (
+        s.amqp_url,
+        s.exchange,
+        s.queues,
+        s.host,
+        s.port,
+        s.signature_max_age,
+        s.max_body_bytes,
+        s.publish_timeout,
+        s.log_level,
+        s.log_format,
+        s.spool_dir,
+    )
+
+
+def test_tokens_parse_with_rotation() -> None:
+    """Several SDKAPPID=TOKEN pairs for one app are all kept; an app with a token is accepted."""
+    s = Settings.from_env({"RELAY_CALLBACK_TOKENS": "1400000001=old, 1400000001=new,1400000009=x"})
+    assert {"1400000001": ("old", "new"), "1400000009": ("x",)} == dict(s.callback_tokens)
+    assert frozenset({"1400000001", "1400000009"}) == s.accepted_apps
+
+
+def test_queues_are_split_and_trimmed() -> None:
+    """RELAY_QUEUES is a comma-separated list."""
+    s = Settings.from_env({"RELAY_SDKAPPIDS": "1", "RELAY_QUEUES": " moderation.revocations , audit.revocations,"})
+    assert ("moderation.revocations", "audit.revocations") == s.queues
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        pytest.param({}, "RELAY_SDKAPPIDS", id="no-app"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_PORT": "http"}, "RELAY_PORT", id="port-text"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_PORT": "70000"}, "RELAY_PORT", id="port-range"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_PUBLISH_TIMEOUT": "nan"}, "RELAY_PUBLISH_TIMEOUT", id="nan"),
+        pytest.param({"RELAY_SDKAPPIDS": "x1"}, "RELAY_SDKAPPIDS", id="app-not-digits"),
+        pytest.param({"RELAY_CALLBACK_TOKENS": "1400000001"}, "RELAY_CALLBACK_TOKENS", id="pair-without-token"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_AMQP_URL": "http://x"}, "RELAY_AMQP_URL", id="bad-scheme"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT", id="log-format"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_QUEUES": "a,a"}, "RELAY_QUEUES", id="dup-queue"),
+        pytest.param({"RELAY_SDKAPPIDS": "1", "RELAY_EXCHANGE": "amq.topic"}, "RELAY_EXCHANGE", id="reserved"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    """Each bad value is reported with the name of its variable."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert any(p.startswith(variable) for p in info.value.problems), info.value.problems
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    """check-config shows every bad variable in one run, not one per attempt."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"RELAY_SDKAPPIDS": "1", "RELAY_PORT": "x", "RELAY_LOG_LEVEL": "loud"})
+    assert 2 == len(info.value.problems)
+
+
+def test_repr_hides_password_and_tokens() -> None:
+    """Neither the AMQP password nor a callback token appears in the settings repr."""
+    s = Settings.from_env(
+        {
+            "RELAY_AMQP_URL": "amqp://relay:s3cr3t-pw@broker:5672/vh",
+            "RELAY_CALLBACK_TOKENS": "1400000001=t0ps3cret",
+        }
+    )
+    text = repr(s)
+    assert "s3cr3t-pw" not in text and "t0ps3cret" not in text
+    assert "amqp://relay:***@broker:5672/vh" in text
+
+
+def test_bad_token_pair_error_does_not_echo_the_token() -> None:
+    """A malformed token pair is reported without printing the secret part."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"RELAY_CALLBACK_TOKENS": "notanapp=supersecret"})
+    assert "supersecret" not in str(info.value)
