@@ -17,10 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from relay.auth import Authenticator
 from relay.dispatch import Dispatcher
+from relay.drainer import Drainer
 from relay.ingress import CallbackHandler
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
+from relay.spool import Spool
 
 CALLBACK_PATH = "/tencent-im/callback"
 
@@ -35,6 +37,8 @@ class Lifecycle:
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 PUBLISHER = web.AppKey("publisher", Publisher)
+SPOOL = web.AppKey("spool", Spool)
+DRAINER = web.AppKey("drainer", Drainer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
@@ -55,7 +59,8 @@ def create_app(
             settings.publish_timeout,
             metrics,
         )
-    dispatcher = Dispatcher(publisher, metrics)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes, clock=clock)
+    dispatcher = Dispatcher(publisher, spool, metrics)
     auth = Authenticator(settings.accepted_apps, settings.callback_tokens, settings.signature_max_age, clock)
     handler = CallbackHandler(auth, dispatcher, metrics, max_body_bytes=settings.max_body_bytes, clock=clock)
 
@@ -63,13 +68,17 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[PUBLISHER] = publisher
+    app[SPOOL] = spool
+    app[DRAINER] = Drainer(spool, publisher, metrics)
     app[DISPATCHER] = dispatcher
     app[LIFECYCLE] = Lifecycle()
     app.router.add_post(CALLBACK_PATH, handler.handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.cleanup_ctx.append(_publisher_ctx)
+    # Set up in this order, torn down in reverse: the drainer's final flush needs the spool and
+    # the publisher, the spool must be closed before the broker connection goes.
+    app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx))
     return app
 
 
@@ -78,6 +87,21 @@ async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.close()
+
+
+async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
+    spool = app[SPOOL]
+    await spool.open()
+    app[METRICS].watch_spool(spool)
+    yield
+    await spool.close()
+
+
+async def _drainer_ctx(app: web.Application) -> AsyncIterator[None]:
+    drainer = app[DRAINER]
+    await drainer.start()
+    yield
+    await drainer.stop(app[SETTINGS].drain_timeout)
 
 
 def _json(body: dict[str, object], status: int = 200) -> web.Response:
@@ -90,13 +114,24 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 only while a callback would be made safe right now."""
+    """Readiness: 200 only while a callback would be made safe right now (broker or spool)."""
     app = request.app
     draining = app[LIFECYCLE].draining
-    broker = app[DISPATCHER].ready
-    ready = broker and not draining
+    spool = app[SPOOL]
+    ready = app[DISPATCHER].ready and not draining
     return _json(
-        {"status": "ready" if ready else "not_ready", "broker": broker, "draining": draining},
+        {
+            "status": "ready" if ready else "not_ready",
+            "broker": app[PUBLISHER].ready,
+            "spool": {
+                "available": spool.available,
+                "has_room": spool.has_room,
+                "events": spool.events,
+                "bytes": spool.bytes,
+                "oldest_age_seconds": round(spool.oldest_age(), 3),
+            },
+            "draining": draining,
+        },
         200 if ready else 503,
     )
 

@@ -41,7 +41,6 @@ class Reject(str, Enum):
     BODY_TOO_LARGE = "body_too_large"
     BODY_TIMEOUT = "body_timeout"
     INCOMPLETE_BODY = "incomplete_body"
-    PUBLISH_FAILED = "publish_failed"
     SPOOL_FULL = "spool_full"
     SPOOL_UNAVAILABLE = "spool_unavailable"
     OVERLOADED = "overloaded"
@@ -66,7 +65,6 @@ STATUS: dict[Reject, int] = {
     Reject.BODY_TOO_LARGE: 413,
     Reject.BODY_TIMEOUT: 408,
     Reject.INCOMPLETE_BODY: 400,
-    Reject.PUBLISH_FAILED: 503,
     Reject.SPOOL_FULL: 503,
     Reject.SPOOL_UNAVAILABLE: 503,
     Reject.OVERLOADED: 503,

@@ -19,7 +19,7 @@ from aiohttp import web
 from relay.auth import Authenticator
 from relay.callback import RECALL_COMMANDS, CallbackQuery, command_label
 from relay.dispatch import Dispatcher
-from relay.errors import STATUS, PublishFailed, Reject, Rejection
+from relay.errors import STATUS, Reject, Rejection, SpoolError, SpoolFull
 from relay.metrics import Metrics
 from relay.normalize import normalize, parse_object, resolve_command
 
@@ -99,19 +99,29 @@ class CallbackHandler:
 
         envelopes = [event.envelope() for event in result.events]
         event_ids = [e.event_id for e in envelopes]
+        spooled = 0
         if envelopes:
             try:
-                await self.dispatcher.dispatch(envelopes)
-            except PublishFailed as failure:
+                dispatched = await self.dispatcher.dispatch(envelopes)
+            except SpoolError as exc:
+                # Neither confirmed nor durable: the only honest answer is 503.
+                code = Reject.SPOOL_FULL if isinstance(exc, SpoolFull) else Reject.SPOOL_UNAVAILABLE
                 log.error(
+                    "relay.events_refused", command=command, code=code.value, error=str(exc)[:300], event_ids=event_ids
+                )
+                return self._reject(Rejection(code), request, command), command, "unavailable"
+            spooled = dispatched.spooled
+            failure = dispatched.publish_failure
+            if failure is not None:
+                log.warning(
                     "relay.publish_failed",
                     command=command,
                     reason=failure.reason,
                     in_doubt=failure.in_doubt,
                     detail=failure.detail,
+                    spooled=spooled,
                     event_ids=event_ids,
                 )
-                return self._reject(Rejection(Reject.PUBLISH_FAILED), request, command), command, "unavailable"
 
         if result.rejected_items:
             # The valid items are already safe; the reply still says the callback was not clean.
@@ -126,7 +136,7 @@ class CallbackHandler:
             )
             return fail_response(first.code), command, "partial"
 
-        log.info("relay.callback_accepted", command=command, event_ids=event_ids)
+        log.info("relay.callback_accepted", command=command, event_ids=event_ids, spooled=spooled)
         return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
 
     def _ignored(self, command: str) -> web.Response:

@@ -6,6 +6,8 @@ The registry is passed in so each test gets a fresh one.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from relay.callback import KNOWN_COMMANDS
@@ -17,9 +19,24 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 OUTCOMES = ("accepted", "partial", "ignored", "rejected", "unavailable")
 PUBLISH_REASONS = ("disconnected", "blocked", "timeout", "returned", "nacked", "error")
+PUBLISH_OUTCOMES = ("confirmed", *PUBLISH_REASONS)
+SPOOL_WRITE_FAILURES = ("full", "unavailable")
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
+
+
+class SpoolGauges(Protocol):
+    max_bytes: int
+    available: bool
+
+    @property
+    def events(self) -> int: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+    def oldest_age(self) -> float: ...
 
 
 class Metrics:
@@ -85,6 +102,43 @@ class Metrics:
             "1 while RabbitMQ blocks the publishing connection (resource alarm).",
             registry=registry,
         )
+        self.publishes = Counter(
+            "relay_publishes_total",
+            "Publish attempts (direct and from the spool) by outcome: confirmed or the failure reason.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.events_spooled = Counter(
+            "relay_events_spooled_total",
+            "Events written durably to the local spool instead of being confirmed directly.",
+            registry=registry,
+        )
+        self.events_drained = Counter(
+            "relay_events_drained_total",
+            "Spooled events forwarded to RabbitMQ, confirmed, and removed from the spool.",
+            registry=registry,
+        )
+        self.spool_write_seconds = Histogram(
+            "relay_spool_write_seconds",
+            "Time for a durable (fsync'd) spool write, batched writes included.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.spool_write_failures = Counter(
+            "relay_spool_write_failures_total",
+            "Spool writes refused: full (RELAY_SPOOL_MAX_BYTES or disk) or unavailable (I/O, permissions).",
+            ["reason"],
+            registry=registry,
+        )
+        self.spool_events = Gauge("relay_spool_events", "Events waiting in the spool.", registry=registry)
+        self.spool_bytes = Gauge("relay_spool_bytes", "Bytes charged to the spool.", registry=registry)
+        self.spool_capacity_bytes = Gauge("relay_spool_capacity_bytes", "RELAY_SPOOL_MAX_BYTES.", registry=registry)
+        self.spool_oldest_age = Gauge(
+            "relay_spool_oldest_age_seconds", "Age of the oldest spooled event (0 when empty).", registry=registry
+        )
+        self.spool_available = Gauge(
+            "relay_spool_available", "1 while the spool accepts writes (open, writable).", registry=registry
+        )
         self.broker_connects = Counter(
             "relay_broker_connects_total",
             "Successful connections (first and re-connections) to RabbitMQ.",
@@ -107,6 +161,18 @@ class Metrics:
             self.publish_failures.labels(reason)
         for outcome in OUTCOMES:
             self.request_seconds.labels(outcome)
+        for outcome in PUBLISH_OUTCOMES:
+            self.publishes.labels(outcome)
+        for reason in SPOOL_WRITE_FAILURES:
+            self.spool_write_failures.labels(reason)
+
+    def watch_spool(self, spool: SpoolGauges) -> None:
+        """Read the spool's state at scrape time (no bookkeeping on the hot path)."""
+        self.spool_events.set_function(lambda: spool.events)
+        self.spool_bytes.set_function(lambda: spool.bytes)
+        self.spool_capacity_bytes.set(spool.max_bytes)
+        self.spool_oldest_age.set_function(spool.oldest_age)
+        self.spool_available.set_function(lambda: int(spool.available))
 
     def anomaly(self, field: str) -> None:
         self.anomalies.labels(field if field in ANOMALY_FIELDS else "other").inc()

@@ -230,9 +230,11 @@ class AmqpPublisher:
                 raise
             raise self._failed("disconnected", "connection lost before confirm", in_doubt=True) from None
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
+        self._metrics.publishes.labels("confirmed").inc()
 
     def _failed(self, reason: str, detail: str, *, in_doubt: bool = False) -> PublishFailed:
         self._metrics.publish_failures.labels(reason).inc()
+        self._metrics.publishes.labels(reason).inc()
         if in_doubt:
             self._metrics.publish_in_doubt.inc()
         return PublishFailed(reason, detail, in_doubt=in_doubt)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+import orjson
 
+from relay.callback import CallbackQuery
 from relay.errors import PublishFailed
 from relay.events import Envelope
+from relay.normalize import normalize
+from relay.samples import sample_body
 from relay.settings import Settings
 
 APP = "1400000001"
@@ -29,10 +34,20 @@ def validate_event(body: dict[str, Any]) -> None:
     _VALIDATOR.validate(body)
 
 
-def make_settings(**overrides: str) -> Settings:
+def envelopes(n: int, kind: str = "c2c") -> list[Envelope]:
+    """*n* fresh sample callbacks of *kind*, normalized into envelopes."""
+    out: list[Envelope] = []
+    for _ in range(n):
+        body = orjson.dumps(sample_body(kind))
+        out.extend(e.envelope() for e in normalize(body, CallbackQuery(sdk_app_id=APP), 0).events)
+    return out
+
+
+def make_settings(spool_dir: Path, **overrides: str) -> Settings:
     env = {
         "RELAY_SDKAPPIDS": f"{APP},{OTHER_APP}",
         "RELAY_CALLBACK_TOKENS": f"{APP}={TOKEN}",
+        "RELAY_SPOOL_DIR": str(spool_dir),
         **overrides,
     }
     return Settings.from_env(env)

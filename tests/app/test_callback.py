@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,8 +12,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from relay.app import LIFECYCLE, create_app
-from relay.callback import C2C_RECALL, GROUP_RECALL
+from relay.app import LIFECYCLE, SPOOL, create_app
+from relay.callback import C2C_RECALL, GROUP_RECALL, CallbackQuery
+from relay.normalize import normalize
 from relay.samples import callback_query, sample_body
 from tests.helpers import APP, NOW, OTHER_APP, TOKEN, RecordingPublisher, make_settings, validate_event
 
@@ -36,9 +38,9 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def client(
-    aiohttp_client: ClientFactory, publisher: RecordingPublisher, registry: CollectorRegistry
+    aiohttp_client: ClientFactory, publisher: RecordingPublisher, registry: CollectorRegistry, tmp_path: Path
 ) -> TestClient:  # type: ignore[type-arg]
-    app = create_app(make_settings(), publisher=publisher, registry=registry, clock=lambda: NOW)
+    app = create_app(make_settings(tmp_path), publisher=publisher, registry=registry, clock=lambda: NOW)
     return await aiohttp_client(app)
 
 
@@ -212,42 +214,70 @@ async def test_duplicate_sdkappid_is_400(client: TestClient) -> None:  # type: i
     assert (400, fail("duplicate_parameter")) == (status, reply)
 
 
-async def test_publish_failure_is_503_never_200(
-    client: TestClient,
-    publisher: RecordingPublisher,  # type: ignore[type-arg]
+async def test_publish_failure_spools_and_answers_200(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
     registry: CollectorRegistry,
 ) -> None:
-    """When the broker does not confirm, the callback gets 503 publish_failed with Retry-After."""
+    """When the broker does not confirm, the event is written to the spool and only then answered 200."""
     publisher.fail_with = "timeout"
+    spool = client.app[SPOOL]  # type: ignore[index]
     with capture_logs() as logs:
-        response = await client.post(url(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))
-    assert (503, fail("publish_failed")) == (response.status, await response.json())
-    assert "1" == response.headers["Retry-After"]
-    assert 1 == metric(registry, "relay_callbacks_total", command=C2C_RECALL, outcome="unavailable")
+        status, reply = await post(client, url(C2C_RECALL), sample_body("c2c"))
+    assert (200, OK) == (status, reply)
+    assert 1 == spool.events
+    assert 1 == metric(registry, "relay_events_spooled_total")
     (failed,) = [e for e in logs if e["event"] == "relay.publish_failed"]
-    assert failed["reason"] == "timeout" and failed["in_doubt"] is True
+    assert (failed["reason"], failed["in_doubt"], failed["spooled"]) == ("timeout", True, 1)
+    (accepted,) = [e for e in logs if e["event"] == "relay.callback_accepted"]
+    assert 1 == accepted["spooled"]
 
 
-async def test_one_failed_item_fails_the_whole_callback(client: TestClient, publisher: RecordingPublisher) -> None:  # type: ignore[type-arg]
-    """200 means every event of the callback was confirmed; one unconfirmed item makes it 503."""
+async def test_only_the_unconfirmed_item_is_spooled(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
+) -> None:
+    """Of a two-message recall, the confirmed event is not spooled again; the unconfirmed one is."""
     body = sample_body("group", items=2)
-    from relay.callback import CallbackQuery
-    from relay.normalize import normalize  # the eventIDs the relay will compute
-
-    ids = [
-        e.event_id for e in normalize(orjson.dumps(body), CallbackQuery(sdk_app_id=APP, command=GROUP_RECALL), 0).events
-    ]
+    ids = [e.event_id for e in normalize(orjson.dumps(body), CallbackQuery(sdk_app_id=APP), 0).events]
     publisher.fail_event_ids = {ids[1]}
-    assert 503 == (await post(client, url(GROUP_RECALL), body))[0]
+    assert 200 == (await post(client, url(GROUP_RECALL), body))[0]
+    assert [ids[0]] == [e.event_id for e in publisher.published]
+    spooled = await client.app[SPOOL].oldest(10)  # type: ignore[index]
+    assert [ids[1]] == [e.envelope.event_id for e in spooled]
 
 
-async def test_readiness_follows_the_publisher(client: TestClient, publisher: RecordingPublisher) -> None:  # type: ignore[type-arg]
-    """/readyz is 200 while the publisher is usable, 503 otherwise; /healthz stays 200."""
+async def test_spool_full_is_503_spool_full(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
+    registry: CollectorRegistry,
+) -> None:
+    """Broker down and spool at its limit: 503 spool_full with Retry-After, and nothing is dropped silently."""
+    publisher.ready_flag = False
+    spool = client.app[SPOOL]  # type: ignore[index]
+    spool.max_bytes = 1  # any event is now over the budget
+    response = await client.post(url(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))
+    assert (503, fail("spool_full")) == (response.status, await response.json())
+    assert "1" == response.headers["Retry-After"]
+    assert 0 == spool.events
+    assert 1 == metric(registry, "relay_spool_write_failures_total", reason="full")
+    assert 1 == metric(registry, "relay_callbacks_total", command=C2C_RECALL, outcome="unavailable")
+    assert 503 == (await client.get("/readyz")).status
+
+
+async def test_readiness_follows_broker_or_spool(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
+) -> None:
+    """/readyz is 200 while events can be made safe (broker or spool with room); /healthz is always 200."""
     assert 200 == (await client.get("/readyz")).status
     publisher.ready_flag = False
     response = await client.get("/readyz")
-    assert 503 == response.status
-    assert {"status": "not_ready", "broker": False, "draining": False} == await response.json()
+    body = await response.json()
+    assert 200 == response.status
+    assert (False, True) == (body["broker"], body["spool"]["has_room"])
+    client.app[SPOOL].max_bytes = 0  # type: ignore[index]
+    assert 503 == (await client.get("/readyz")).status
     assert 200 == (await client.get("/healthz")).status
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import aio_pika
@@ -13,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from relay.app import PUBLISHER, create_app
+from relay.app import PUBLISHER, SPOOL, create_app
 from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
 from relay.publisher import AmqpPublisher
 from relay.samples import callback_query, sample_body
@@ -28,6 +29,7 @@ async def start_relay(
     aiohttp_client: ClientFactory,
     url: str,
     names: dict[str, str],
+    spool_dir: Path,
     *,
     queues: str | None = None,
     registry: CollectorRegistry | None = None,
@@ -35,6 +37,7 @@ async def start_relay(
     **env: str,
 ) -> TestClient:  # type: ignore[type-arg]
     settings = make_settings(
+        spool_dir,
         RELAY_AMQP_URL=url,
         RELAY_EXCHANGE=names["exchange"],
         RELAY_QUEUES=names["queue"] if queues is None else queues,
@@ -98,13 +101,14 @@ async def test_variant_is_delivered_with_every_property(
     amqp_url: str,
     amqp: aio_pika.abc.AbstractChannel,
     names: dict[str, str],
+    tmp_path: Path,
     command: str,
     body: dict[str, Any],
     count: int,
     ctype: str,
 ) -> None:
     """Each recall variant yields its events in the bound queue, with body, routing key, properties and CE headers."""
-    client = await start_relay(aiohttp_client, amqp_url, names)
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path)
     response = await client.post(target(command), data=orjson.dumps(body))
     assert 200 == response.status
     messages = await read_messages(amqp, names["queue"], count)
@@ -136,10 +140,14 @@ async def test_variant_is_delivered_with_every_property(
 
 
 async def test_every_configured_queue_receives_every_event(
-    aiohttp_client: ClientFactory, amqp_url: str, amqp: aio_pika.abc.AbstractChannel, names: dict[str, str]
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    amqp: aio_pika.abc.AbstractChannel,
+    names: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     """RELAY_QUEUES declares quorum queues, each bound with message.revoked.#; each gets a copy."""
-    client = await start_relay(aiohttp_client, amqp_url, names, queues=f"{names['queue']},{names['queue2']}")
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path, queues=f"{names['queue']},{names['queue2']}")
     assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))).status
     first = await read_messages(amqp, names["queue"], 1)
     second = await read_messages(amqp, names["queue2"], 1)
@@ -162,11 +170,12 @@ async def test_refused_callbacks_publish_nothing(
     amqp_url: str,
     amqp: aio_pika.abc.AbstractChannel,
     names: dict[str, str],
+    tmp_path: Path,
     make_target: Callable[[], str],
     status: int,
 ) -> None:
     """Unsigned, stale or foreign callbacks get 401/403 and leave the queue empty."""
-    client = await start_relay(aiohttp_client, amqp_url, names)
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path)
     assert status == (await client.post(make_target(), data=orjson.dumps(sample_body("c2c")))).status
     # A valid callback afterwards proves the path works and that it is the only message.
     assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))).status
@@ -175,10 +184,14 @@ async def test_refused_callbacks_publish_nothing(
 
 
 async def test_same_callback_twice_keeps_the_event_id(
-    aiohttp_client: ClientFactory, amqp_url: str, amqp: aio_pika.abc.AbstractChannel, names: dict[str, str]
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    amqp: aio_pika.abc.AbstractChannel,
+    names: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     """A redelivered callback is published again with the same message_id, so consumers can dedupe."""
-    client = await start_relay(aiohttp_client, amqp_url, names)
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path)
     body = orjson.dumps(sample_body("c2c"))
     for _ in range(2):
         assert 200 == (await client.post(target(C2C_RECALL), data=body)).status
@@ -186,35 +199,59 @@ async def test_same_callback_twice_keeps_the_event_id(
     assert first.message_id == second.message_id
 
 
-async def test_unroutable_event_is_503_not_200(
-    aiohttp_client: ClientFactory, amqp_url: str, amqp: aio_pika.abc.AbstractChannel, names: dict[str, str]
+async def test_unroutable_event_is_spooled_then_delivered_once_bound(
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    amqp: aio_pika.abc.AbstractChannel,
+    names: dict[str, str],
+    tmp_path: Path,
 ) -> None:
-    """With no queue bound, RabbitMQ returns the message: the callback is not answered 200."""
+    """With no queue bound RabbitMQ returns the message: it is spooled (never counted as published), then
+    delivered by the drainer once a queue is bound."""
     registry = CollectorRegistry()
-    client = await start_relay(aiohttp_client, amqp_url, names, queues="", registry=registry)
-    response = await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))
-    assert 503 == response.status
-    assert 1 == registry.get_sample_value("relay_publish_failures_total", {"reason": "returned"})
-    # The channel survives a return: readiness stays up.
-    assert 200 == (await client.get("/readyz")).status
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path, queues="", registry=registry)
+    body = sample_body("c2c")
+    response = await client.post(target(C2C_RECALL), data=orjson.dumps(body))
+    assert 200 == response.status
+    assert registry.get_sample_value("relay_publish_failures_total", {"reason": "returned"}) >= 1
+    assert 0 == registry.get_sample_value("relay_events_published_total", {"conversation_type": "c2c"})
+    assert client.app[SPOOL].events == 1  # type: ignore[index]
+    assert 200 == (await client.get("/readyz")).status  # the channel survives a return
+
+    queue = await amqp.declare_queue(names["queue"], durable=True, arguments={"x-queue-type": "quorum"})
+    await queue.bind(names["exchange"], "message.revoked.#")
+    (message,) = await read_messages(amqp, names["queue"], 1, timeout=15)
+    assert body["MsgKey"] == orjson.loads(message.body)["msgKey"]
+    async with asyncio.timeout(5):
+        while client.app[SPOOL].events:  # type: ignore[index]
+            await asyncio.sleep(0.05)
 
 
-async def test_no_broker_means_503_and_not_ready(aiohttp_client: ClientFactory, names: dict[str, str]) -> None:
-    """With nothing listening at the AMQP URL the relay still serves, says not-ready, and answers 503."""
+async def test_no_broker_at_start_spools_and_stays_ready(
+    aiohttp_client: ClientFactory, names: dict[str, str], tmp_path: Path
+) -> None:
+    """With nothing at the AMQP URL the relay starts, stays ready through the spool, and answers 200."""
     proxy = TcpProxy("127.0.0.1", 1)  # only to reserve a free port that nothing listens on
     await proxy.start()
     port = proxy.port
     await proxy.stop()
-    client = await start_relay(aiohttp_client, f"amqp://guest:guest@127.0.0.1:{port}/", names, wait=False)
-    assert 503 == (await client.get("/readyz")).status
+    client = await start_relay(aiohttp_client, f"amqp://guest:guest@127.0.0.1:{port}/", names, tmp_path, wait=False)
+    ready = await client.get("/readyz")
+    assert (200, False) == (ready.status, (await ready.json())["broker"])
     response = await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))
-    assert (503, "publish_failed") == (response.status, (await response.json())["ErrorInfo"])
+    assert 200 == response.status
+    assert 1 == client.app[SPOOL].events  # type: ignore[index]
 
 
-async def test_broker_loss_turns_503_and_recovery_turns_200(
-    aiohttp_client: ClientFactory, amqp_url: str, amqp: aio_pika.abc.AbstractChannel, names: dict[str, str]
+async def test_broker_loss_spools_and_recovery_drains_in_order(
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    amqp: aio_pika.abc.AbstractChannel,
+    names: dict[str, str],
+    tmp_path: Path,
 ) -> None:
-    """Cutting the link to a real broker makes callbacks 503 and readiness fail; it recovers on its own."""
+    """Cut the link to a real broker: callbacks still get 200 (spooled); after recovery every event is
+    delivered, in the order the callbacks were answered."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(amqp_url)
@@ -222,21 +259,23 @@ async def test_broker_loss_turns_503_and_recovery_turns_200(
     await proxy.start()
     try:
         url = f"amqp://{parts.username}:{parts.password}@127.0.0.1:{proxy.port}{parts.path or '/'}"
-        client = await start_relay(aiohttp_client, url, names)
+        client = await start_relay(aiohttp_client, url, names, tmp_path)
         publisher = cast(AmqpPublisher, client.app[PUBLISHER])  # type: ignore[index]
-        assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))).status
+        bodies = [sample_body("c2c") for _ in range(6)]
+        assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(bodies[0]))).status
 
         await proxy.stop()
         async with asyncio.timeout(5):
             while publisher.ready:
                 await asyncio.sleep(0.02)
-        assert 503 == (await client.get("/readyz")).status
-        assert 503 == (await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))).status
+        for body in bodies[1:5]:
+            assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(body))).status
+        assert 4 == client.app[SPOOL].events  # type: ignore[index]
 
         await proxy.start(proxy.port)
         await asyncio.wait_for(publisher.connected.wait(), 10)
-        assert 200 == (await client.get("/readyz")).status
-        assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))).status
-        assert 2 == len(await read_messages(amqp, names["queue"], 2))
+        assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(bodies[5]))).status
+        messages = await read_messages(amqp, names["queue"], 6, timeout=15)
+        assert [b["MsgKey"] for b in bodies] == [orjson.loads(m.body)["msgKey"] for m in messages]
     finally:
         await proxy.stop()

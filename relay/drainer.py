@@ -1,0 +1,123 @@
+"""The drainer: forwards spooled events to RabbitMQ, oldest first, deleting each only after its confirm.
+
+A batch is published in spool order on one channel without waiting between messages (RabbitMQ
+keeps per-channel publish order into a queue), then the confirmed ones are deleted in one
+transaction. A message whose confirm is lost stays spooled and is published again later with the
+same message_id: at-least-once, never at-most-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import structlog
+
+from relay.metrics import Metrics
+from relay.publisher import Publisher
+from relay.spool import Spool
+
+log = structlog.get_logger()
+
+
+class Drainer:
+    def __init__(
+        self,
+        spool: Spool,
+        publisher: Publisher,
+        metrics: Metrics,
+        *,
+        batch_size: int = 256,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.spool = spool
+        self.publisher = publisher
+        self._metrics = metrics
+        self.batch_size = batch_size
+        self.backoff_max = backoff_max
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._drained_in_run = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="spool-drainer")
+
+    async def stop(self, flush_timeout: float) -> None:
+        """Let the drainer empty the spool for up to *flush_timeout* seconds, then stop it."""
+        if self._task is None:
+            return
+        self._stopping.set()
+        try:
+            async with asyncio.timeout(flush_timeout):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        log.info("relay.drainer_stopped", left_in_spool=self.spool.events)
+
+    async def drain_once(self) -> tuple[int, int]:
+        """Publish the oldest batch; delete what was confirmed. Return (drained, failed)."""
+        batch = await self.spool.oldest(self.batch_size)
+        if not batch:
+            return 0, 0
+        results = await asyncio.gather(*(self.publisher.publish(e.envelope) for e in batch), return_exceptions=True)
+        confirmed = [event for event, result in zip(batch, results, strict=True) if result is None]
+        failures = [result for result in results if result is not None]
+        if confirmed:
+            await self.spool.delete(confirmed)
+            self._metrics.events_drained.inc(len(confirmed))
+            for event in confirmed:
+                self._metrics.events_published.labels(event.envelope.conversation_type).inc()
+        if failures:
+            log.warning(
+                "relay.drain_failed",
+                failed=len(failures),
+                confirmed=len(confirmed),
+                reason=getattr(failures[0], "reason", repr(failures[0])[:200]),
+            )
+        return len(confirmed), len(failures)
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            if self.spool.events == 0:
+                if self._drained_in_run:
+                    log.info("relay.spool_drained", events=self._drained_in_run)
+                    self._drained_in_run = 0
+                if self._stopping.is_set():
+                    return
+                # No await between the check above and this clear: a put that commits later sets it again.
+                self.spool.nonempty.clear()
+                await self._wait(self.spool.nonempty)
+                continue
+            if not self.publisher.ready:
+                if self._stopping.is_set():
+                    return  # no broker to flush to: what is spooled stays for the next start
+                await self._wait(None, 0.2)
+                continue
+            try:
+                drained, failed = await self.drain_once()
+            except Exception as exc:  # noqa: BLE001 - a spool read/delete error must not kill the drainer
+                log.error("relay.drain_error", error=repr(exc)[:300])
+                drained, failed = 0, 1
+            self._drained_in_run += drained
+            if failed:
+                backoff = min(self.backoff_max, max(0.1, backoff * 2))
+                if self._stopping.is_set() and not drained:
+                    return
+                await self._wait(None, backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+            else:
+                backoff = 0.0
+
+    async def _wait(self, event: asyncio.Event | None, seconds: float | None = None) -> None:
+        """Sleep until *event* is set, the drainer is asked to stop, or *seconds* pass."""
+        waiters = [asyncio.ensure_future(self._stopping.wait())]
+        if event is not None:
+            waiters.append(asyncio.ensure_future(event.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
