@@ -1,4 +1,4 @@
-"""``relay`` command line: serve, check-config, send-sample."""
+"""``relay`` command line: serve, check-config, send-sample, spool stats|export|drain."""
 
 from __future__ import annotations
 
@@ -6,26 +6,35 @@ import argparse
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import aiohttp
+import orjson
 import structlog
 import uvloop
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
 from relay.app import LIFECYCLE, METRICS, create_app
-from relay.errors import ConfigError
+from relay.drainer import Drainer
+from relay.errors import ConfigError, SpoolError
+from relay.metrics import Metrics
+from relay.publisher import AmqpPublisher
 from relay.samples import KINDS, callback_query, encode, sample_body
 from relay.settings import Settings
+from relay.spool import Spool, SpoolStore
 
 log = structlog.get_logger()
 
 
-def _settings(env: Mapping[str, str]) -> Settings | None:
+def _settings(env: Mapping[str, str], *, require_apps: bool = True) -> Settings | None:
     try:
-        return Settings.from_env(env)
+        return Settings.from_env(env, require_apps=require_apps)
     except ConfigError as exc:
         print("configuration error:", file=sys.stderr)
         for problem in exc.problems:
@@ -107,6 +116,96 @@ def cmd_send_sample(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0 if status == 200 else 1
 
 
+def cmd_spool(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(env, require_apps=False)
+    if settings is None:
+        return 1
+    directory = Path(args.dir) if args.dir else settings.spool_dir
+    if args.action == "drain":
+        relay_log.configure(settings.log_level, settings.log_format)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(drain_spool(settings, directory, args.timeout))
+    store = SpoolStore(directory, settings.spool_max_bytes)
+    try:
+        store.open(readonly=True)
+    except (SpoolError, sqlite3.Error) as exc:
+        print(f"spool {args.action}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "stats":
+            stats = store.stats()
+            print(
+                orjson.dumps(
+                    {
+                        "path": str(store.path),
+                        "events": stats.events,
+                        "bytes": stats.bytes,
+                        "oldest_spooled_at": stats.oldest_spooled_at,
+                        "oldest_age_seconds": round(stats.oldest_age(time.time()), 3),
+                    }
+                ).decode()
+            )
+        else:
+            out = sys.stdout.buffer
+            for item in store.iterate():
+                e = item.envelope
+                out.write(
+                    orjson.dumps(
+                        {
+                            "seq": item.seq,
+                            "spooledAt": item.spooled_at,
+                            "eventID": e.event_id,
+                            "routingKey": e.routing_key,
+                            "headers": e.headers(),
+                            "timestamp": e.timestamp,
+                            "event": orjson.loads(e.body),
+                        }
+                    )
+                    + b"\n"
+                )
+            out.flush()
+    finally:
+        store.close()
+    return 0
+
+
+async def drain_spool(settings: Settings, directory: Path, give_up_after: float) -> int:
+    """Forward everything in *directory* now, then exit: 0 when the spool is empty, 1 otherwise."""
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(directory, settings.spool_max_bytes)
+    await spool.open()
+    if not spool.available:
+        print(f"spool drain: {spool.last_error}", file=sys.stderr)
+        await spool.close()
+        return 1
+    publisher = AmqpPublisher(
+        settings.amqp_url,
+        settings.exchange,
+        settings.queues,
+        settings.publish_timeout,
+        metrics,
+        connection_name="revoke-relay spool drain",
+    )
+    await publisher.start()
+    drainer = Drainer(spool, publisher, metrics)
+    before = spool.events
+    try:
+        async with asyncio.timeout(give_up_after):
+            await publisher.connected.wait()
+            await drainer.start()
+            while spool.events:  # noqa: ASYNC110 - the count changes on the spool's writer thread
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pass
+    finally:
+        await drainer.stop(0)
+        left = spool.events
+        await spool.close()
+        await publisher.close()
+    print(f"spool drain: forwarded {before - left} events, {left} left in {directory}")
+    return 0 if left == 0 else 1
+
+
 async def _post(url: str, body: bytes) -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as session,
@@ -127,6 +226,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     sample.add_argument("--sdkappid", help="SdkAppid (default: the first accepted app)")
     sample.add_argument("--token", help="callback token (default: the app's first token, if any)")
     sample.set_defaults(func=cmd_send_sample)
+    spool = sub.add_parser("spool", help="inspect or forward the local spool (RELAY_SPOOL_DIR)")
+    spool.add_argument(
+        "action",
+        choices=["stats", "export", "drain"],
+        help="stats: count, bytes, oldest age (JSON); export: JSON lines; drain: forward now and exit",
+    )
+    spool.add_argument("--dir", help="spool directory (default: RELAY_SPOOL_DIR)")
+    spool.add_argument("--timeout", type=float, default=300.0, help="drain: give up after this many seconds")
+    spool.set_defaults(func=cmd_spool)
     args = parser.parse_args(argv)
     result: int = args.func(args, os.environ if env is None else env)
     return result

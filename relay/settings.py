@@ -67,8 +67,11 @@ class Settings:
         return self.sdkappids | frozenset(self.callback_tokens)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Build settings from ``RELAY_*`` variables; raise ``ConfigError`` naming every bad one."""
+    def from_env(cls, env: Mapping[str, str], *, require_apps: bool = True) -> Settings:
+        """Build settings from ``RELAY_*`` variables; raise ``ConfigError`` naming every bad one.
+
+        ``require_apps=False`` is for operator commands (``relay spool …``) that serve no callbacks.
+        """
         problems: list[str] = []
         values: dict[str, object] = {}
 
@@ -137,7 +140,7 @@ class Settings:
             if token not in tokens[app]:
                 tokens[app].append(token)
         values["callback_tokens"] = {app: tuple(ts) for app, ts in tokens.items()}
-        if not values["sdkappids"] and not tokens and not bad_apps:
+        if require_apps and not values["sdkappids"] and not tokens and not bad_apps:
             problems.append("RELAY_SDKAPPIDS: no app is accepted; set RELAY_SDKAPPIDS and/or RELAY_CALLBACK_TOKENS")
 
         number("RELAY_SIGNATURE_MAX_AGE", "signature_max_age", int, 1, 86400)

@@ -279,3 +279,24 @@ async def test_broker_loss_spools_and_recovery_drains_in_order(
         assert [b["MsgKey"] for b in bodies] == [orjson.loads(m.body)["msgKey"] for m in messages]
     finally:
         await proxy.stop()
+
+
+async def test_spool_drain_command_forwards_everything(
+    amqp_url: str, amqp: aio_pika.abc.AbstractChannel, names: dict[str, str], tmp_path: Path
+) -> None:
+    """`relay spool drain` forwards what a stopped relay left behind, then exits 0 with the spool empty."""
+    from relay.cli import drain_spool
+    from relay.spool import Spool
+    from tests.helpers import envelopes
+
+    items = envelopes(4)
+    spool = Spool(tmp_path, 16 * 1024 * 1024)
+    await spool.open()
+    await spool.put(items)
+    await spool.close()
+    settings = make_settings(
+        tmp_path, RELAY_AMQP_URL=amqp_url, RELAY_EXCHANGE=names["exchange"], RELAY_QUEUES=names["queue"]
+    )
+    assert 0 == await drain_spool(settings, tmp_path, 15)
+    messages = await read_messages(amqp, names["queue"], 4)
+    assert [e.event_id for e in items] == [m.message_id for m in messages]
