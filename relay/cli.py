@@ -96,7 +96,11 @@ async def serve(settings: Settings) -> int:
 
 
 def cmd_send_sample(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = _settings(env)
+    # Only defaults are taken from the environment here; flags may supply everything.
+    try:
+        settings: Settings | None = Settings.from_env(env, require_apps=False)
+    except ConfigError:
+        settings = None
     app_id = args.sdkappid or (sorted(settings.accepted_apps)[0] if settings and settings.accepted_apps else None)
     if app_id is None:
         print("send-sample: no SdkAppid; pass --sdkappid or set RELAY_SDKAPPIDS", file=sys.stderr)

@@ -84,6 +84,8 @@ class AmqpPublisher:
         self._exchange: AbstractExchange | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self._last_confirm = 0.0  # monotonic time of the last confirm, or of the connection
+        self._recycle: asyncio.Event | None = None
         self.connected = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class AmqpPublisher:
             queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
             await queue.bind(exchange, BINDING_KEY)
         self._exchange = exchange
+        self._last_confirm = time.monotonic()
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
         self.connected.set()
@@ -157,6 +160,7 @@ class AmqpPublisher:
         assert self._connection is not None
         assert self._channel is not None
         lost = asyncio.Event()
+        self._recycle = lost
         self._connection.close_callbacks.add(lambda *_: lost.set())
         self._channel.close_callbacks.add(lambda *_: lost.set())
         was_blocked = False
@@ -213,6 +217,7 @@ class AmqpPublisher:
             async with asyncio.timeout(self._timeout):
                 await exchange.publish(message, envelope.routing_key, mandatory=True)
         except TimeoutError:
+            self._maybe_recycle()
             raise self._failed("timeout", f"no confirm within {self._timeout}s", in_doubt=True) from None
         except aiormq.exceptions.PublishError as exc:  # basic.return: no queue is bound for the key
             raise self._failed("returned", str(exc)[:200]) from exc
@@ -229,8 +234,20 @@ class AmqpPublisher:
             if task is not None and task.cancelling():
                 raise
             raise self._failed("disconnected", "connection lost before confirm", in_doubt=True) from None
+        self._last_confirm = time.monotonic()
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
         self._metrics.publishes.labels("confirmed").inc()
+
+    def _maybe_recycle(self) -> None:
+        """A connection that stays open but has confirmed nothing for two publish timeouts is not
+        trusted any more (frozen or half-dead broker, stuck channel): drop it and reconnect, rather
+        than wait the several heartbeats aiormq needs to notice."""
+        if self._recycle is not None and time.monotonic() - self._last_confirm > 2 * self._timeout:
+            if not self._recycle.is_set():
+                log.warning(
+                    "relay.broker_unresponsive", seconds_without_confirm=round(time.monotonic() - self._last_confirm, 1)
+                )
+            self._recycle.set()
 
     def _failed(self, reason: str, detail: str, *, in_doubt: bool = False) -> PublishFailed:
         self._metrics.publish_failures.labels(reason).inc()

@@ -1,4 +1,4 @@
-"""A small TCP proxy for tests: forwards to a real broker and can cut or blackhole the link."""
+"""A small TCP proxy for tests: forwards to a real broker and can cut the link or partition it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,23 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
-        self.blackhole = False  # when set, bytes are swallowed in both directions (a silent partition)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+
+    @property
+    def partitioned(self) -> bool:
+        return not self._flowing.is_set()
+
+    @partitioned.setter
+    def partitioned(self, value: bool) -> None:
+        """A silent partition: nothing is forwarded (nor refused) until healed; like TCP over a DROP
+        rule, bytes sent meanwhile are delivered after healing, not lost from the stream."""
+        if value:
+            self._flowing.clear()
+        else:
+            self._flowing.set()
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port or self.port)
@@ -40,8 +54,12 @@ class TcpProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                if not self.blackhole:
-                    writer.write(data)
-                    await writer.drain()
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
         writer.transport.abort()
