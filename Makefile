@@ -1,19 +1,20 @@
 # One place for the commands the README, CI and developers use.
 #   make run   - set up and start the relay against a local RabbitMQ (demo app id and token)
-#   make test  - set up and run linters, type checks and the whole test suite
+#   make test  - set up and run linters, type checks, the ops validators and the whole test suite
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Demo configuration for `make run` only; override any of them in the environment.
-run: export RELAY_SDKAPPIDS ?= 1400000001
-run: export RELAY_CALLBACK_TOKENS ?= 1400000001=change-me-demo-token
-run: export RELAY_QUEUES ?= moderation.revocations,audit.revocations
-run: export RELAY_LOG_FORMAT ?= console
+# Demo configuration for `make run` and `make sample` only; override any of them in the environment.
+run sample: export RELAY_SDKAPPIDS ?= 1400000001
+run sample: export RELAY_CALLBACK_TOKENS ?= 1400000001=change-me-demo-token
+run sample: export RELAY_QUEUES ?= moderation.revocations,audit.revocations
+run sample: export RELAY_LOG_FORMAT ?= console
+KIND ?= c2c
 
-.PHONY: run test lint typecheck pytest broker clean
+.PHONY: run sample test lint typecheck ops pytest faults broker clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,10 +26,22 @@ run: $(STAMP) broker
 	$(BIN)/relay check-config
 	$(BIN)/relay serve
 
+# Post a signed sample recall to the relay started by `make run` (KIND=c2c|group|official_account).
+sample: $(STAMP)
+	$(BIN)/relay send-sample --kind $(KIND)
+
 broker:
 	@./scripts/ensure-rabbitmq.sh
 
-test: lint typecheck pytest
+test: lint typecheck ops pytest
+
+# Manifests, Dockerfile, alert rules, dashboard, live /metrics (installs promtool, checkov, ...).
+ops: $(STAMP)
+	./scripts/check-ops.sh
+
+# The fault scenarios at full length (30 s outages) with the results table.
+faults: $(STAMP)
+	$(BIN)/python -m tests.faults --profile full --out bench/results/faults-full.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests
@@ -41,4 +54,4 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
