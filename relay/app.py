@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from relay.access import SourcePolicy
 from relay.auth import Authenticator
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
@@ -62,7 +63,16 @@ def create_app(
     spool = Spool(settings.spool_dir, settings.spool_max_bytes, clock=clock)
     dispatcher = Dispatcher(publisher, spool, metrics)
     auth = Authenticator(settings.accepted_apps, settings.callback_tokens, settings.signature_max_age, clock)
-    handler = CallbackHandler(auth, dispatcher, metrics, max_body_bytes=settings.max_body_bytes, clock=clock)
+    handler = CallbackHandler(
+        auth,
+        dispatcher,
+        metrics,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+        max_in_flight=settings.max_in_flight,
+        sources=SourcePolicy(settings.allowed_cidrs, settings.trusted_proxies),
+        clock=clock,
+    )
 
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
@@ -73,6 +83,7 @@ def create_app(
     app[DISPATCHER] = dispatcher
     app[LIFECYCLE] = Lifecycle()
     app.router.add_post(CALLBACK_PATH, handler.handle)
+    metrics.requests_in_flight.set_function(lambda: handler.in_flight)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -80,6 +91,23 @@ def create_app(
     # the publisher, the spool must be closed before the broker connection goes.
     app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx))
     return app
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The HTTP server settings of production, used by ``relay serve`` and by the slow-client tests."""
+    settings = app[SETTINGS]
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.publish_timeout + 2,
+        # aiohttp closes a connection whose next request has not fully arrived within this time:
+        # the idle keep-alive limit, and the header-read timeout that stops slowloris clients.
+        keepalive_timeout=settings.keepalive_timeout,
+        # After refusing a body (413, 408) aiohttp reads and discards the rest before closing;
+        # bound that, so a slow sender cannot hold the socket for the default 10 s.
+        lingering_time=2.0,
+    )
 
 
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:

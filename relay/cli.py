@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
-from relay.app import LIFECYCLE, METRICS, create_app
+from relay.app import LIFECYCLE, METRICS, create_app, make_runner
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
 from relay.metrics import Metrics
@@ -68,7 +68,7 @@ async def serve(settings: Settings) -> int:
     3. cleanup contexts run in reverse: publisher closes its connection.
     """
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=settings.publish_timeout + 2)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     await site.start()

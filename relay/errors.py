@@ -44,7 +44,6 @@ class Reject(str, Enum):
     SPOOL_FULL = "spool_full"
     SPOOL_UNAVAILABLE = "spool_unavailable"
     OVERLOADED = "overloaded"
-    SHUTTING_DOWN = "shutting_down"
 
 
 STATUS: dict[Reject, int] = {
@@ -68,7 +67,6 @@ STATUS: dict[Reject, int] = {
     Reject.SPOOL_FULL: 503,
     Reject.SPOOL_UNAVAILABLE: 503,
     Reject.OVERLOADED: 503,
-    Reject.SHUTTING_DOWN: 503,
 }
 
 

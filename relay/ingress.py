@@ -16,6 +16,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from relay.access import SourcePolicy
 from relay.auth import Authenticator
 from relay.callback import RECALL_COMMANDS, CallbackQuery, command_label
 from relay.dispatch import Dispatcher
@@ -50,6 +51,8 @@ class CallbackHandler:
         *,
         max_body_bytes: int,
         body_timeout: float = 10.0,
+        max_in_flight: int = 1000,
+        sources: SourcePolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.auth = auth
@@ -57,19 +60,48 @@ class CallbackHandler:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
+        self.max_in_flight = max_in_flight
+        self.sources = sources or SourcePolicy((), ())
         self.clock = clock
+        self.in_flight = 0
+        self._shed = 0
+        self._shed_logged_at = 0.0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        if self.in_flight >= self.max_in_flight:
+            return self._overloaded(request, started)
+        self.in_flight += 1
         command: str | None = None
         outcome = "rejected"
         try:
+            if self.sources.active and not self.sources.allows(
+                request.remote, request.headers.getall("X-Forwarded-For", ())
+            ):
+                raise Rejection(Reject.FORBIDDEN_SOURCE, "source address not in RELAY_ALLOWED_CIDRS")
             response, command, outcome = await self._handle(request)
         except Rejection as rejection:
             response = self._reject(rejection, request, command)
             outcome = "unavailable" if rejection.status == 503 else "rejected"
+        finally:
+            self.in_flight -= 1
         self.metrics.callbacks.labels(command_label(command), outcome).inc()
         self.metrics.request_seconds.labels(outcome).observe(time.perf_counter() - started)
+        return response
+
+    def _overloaded(self, request: web.Request, started: float) -> web.Response:
+        """Shed load fast: nothing is read or parsed. One summary log line per second, not one per
+        refused request, so logging does not add to the overload it reports."""
+        self._shed += 1
+        self.metrics.rejections.labels(Reject.OVERLOADED.value).inc()
+        self.metrics.callbacks.labels("other", "unavailable").inc()
+        now = time.monotonic()
+        if now - self._shed_logged_at >= 1.0:
+            log.warning("relay.overloaded", shed=self._shed, in_flight=self.in_flight, limit=self.max_in_flight)
+            self._shed = 0
+            self._shed_logged_at = now
+        response = fail_response(Reject.OVERLOADED)
+        self.metrics.request_seconds.labels("unavailable").observe(time.perf_counter() - started)
         return response
 
     async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str | None, str]:

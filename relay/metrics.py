@@ -92,6 +92,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.requests_in_flight = Gauge(
+            "relay_requests_in_flight",
+            "Callbacks being handled now; past RELAY_MAX_IN_FLIGHT new ones get 503 overloaded.",
+            registry=registry,
+        )
         self.broker_connected = Gauge(
             "relay_broker_connected",
             "1 while a publishing connection and channel to RabbitMQ are open.",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from relay.access import Network, parse_networks
 from relay.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -55,6 +56,11 @@ class Settings:
     spool_max_bytes: int = 256 * 1024 * 1024
     shutdown_delay: float = 5.0
     drain_timeout: float = 10.0
+    keepalive_timeout: float = 15.0
+    body_timeout: float = 10.0
+    max_in_flight: int = 1000
+    allowed_cidrs: tuple[Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -149,6 +155,14 @@ class Settings:
         number("RELAY_SPOOL_MAX_BYTES", "spool_max_bytes", int, 1024 * 1024, 1 << 50)
         number("RELAY_SHUTDOWN_DELAY", "shutdown_delay", float, 0, 600)
         number("RELAY_DRAIN_TIMEOUT", "drain_timeout", float, 0, 600)
+        number("RELAY_KEEPALIVE_TIMEOUT", "keepalive_timeout", float, 0.5, 3600)
+        number("RELAY_BODY_TIMEOUT", "body_timeout", float, 0.5, 600)
+        number("RELAY_MAX_IN_FLIGHT", "max_in_flight", int, 1, 1_000_000)
+        for name, key in (("RELAY_ALLOWED_CIDRS", "allowed_cidrs"), ("RELAY_TRUSTED_PROXIES", "trusted_proxies")):
+            try:
+                values[key] = parse_networks(_split(get(name)))
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
 
         spool_dir = get("RELAY_SPOOL_DIR")
         if spool_dir is not None:
