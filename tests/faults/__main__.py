@@ -57,7 +57,11 @@ async def run(profile: str, names: list[str], out: Path | None) -> int:
                 indent=2,
             )
         )
-        print(f"\nwritten to {out}")
+        table = "\n".join([TABLE_HEADER, *(r.row() for r in results)])
+        out.with_suffix(".md").write_text(
+            f"# Fault scenarios, profile {profile}\n\n{PROFILES[profile]} on {platform.platform()}\n\n{table}\n"
+        )
+        print(f"\nwritten to {out} and {out.with_suffix('.md')}")
     return 0 if all(r.passed for r in results) else 1
 
 
