@@ -68,8 +68,9 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def __aenter__(self) -> Relay:
-        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve"], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         async with aiohttp.ClientSession() as session, asyncio.timeout(20):
             while True:
                 with contextlib.suppress(aiohttp.ClientError):
@@ -153,22 +154,24 @@ async def legit_load(relay: Relay, rate: float, seconds: float) -> dict[str, Any
     }
 
 
-async def slowloris(relay: Relay, sockets: int, stop: asyncio.Event, stats: dict[str, Any], body: bool) -> None:
+async def slowloris(port: int, sockets: int, stop: asyncio.Event, stats: dict[str, Any], body: bool) -> None:
     """Keep *sockets* connections open, each dribbling one byte per second (headers, or a body)."""
     lifetimes: list[float] = []
 
     async def attacker() -> None:
         while not stop.is_set():
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
             except OSError:
                 stats["connect_failures"] = stats.get("connect_failures", 0) + 1
                 await asyncio.sleep(0.5)
                 continue
             opened = time.monotonic()
             if body:
-                head = (f"POST /tencent-im/callback?SdkAppid={APP}&CallbackCommand=C2C.CallbackAfterMsgWithDraw "
-                        "HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+                head = (
+                    f"POST /tencent-im/callback?SdkAppid={APP}&CallbackCommand=C2C.CallbackAfterMsgWithDraw "
+                    "HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                )
                 writer.write(head.encode())
             else:
                 writer.write(b"POST /tencent-im/callback HTTP/1.1\r\nHost: x\r\n")
@@ -197,60 +200,104 @@ async def measure_slowloris(sockets: int, seconds: float) -> dict[str, Any]:
     async with Relay() as relay:
         out["baseline"] = await legit_load(relay, 100, seconds)
         for kind in ("headers", "body"):
-            stop = asyncio.Event()
-            stats: dict[str, Any] = {}
-            attack = asyncio.create_task(slowloris(relay, sockets, stop, stats, body=kind == "body"))
+            # The attacker runs in its own process so its event loop does not distort the measurement.
+            attacker = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "attack",
+                "--port",
+                str(relay.port),
+                "--sockets",
+                str(sockets),
+                "--kind",
+                kind,
+                "--seconds",
+                str(seconds + 4),
+                stdout=asyncio.subprocess.PIPE,
+            )
             await asyncio.sleep(2)  # let the attack establish
             legit = await legit_load(relay, 100, seconds)
-            stop.set()
-            await attack
+            stats = json.loads((await attacker.communicate())[0] or b"{}")
             out[f"under_slow_{kind}"] = {**legit, "attack": stats}
         out["rss_mib_after"] = round(rss_mib(relay.pid), 1)
     return out
 
 
+async def flood(port: int, clients: int, seconds: float) -> dict[str, Any]:
+    """*clients* closed-loop clients posting callbacks as fast as answers come back (own process)."""
+    statuses: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    base = f"http://127.0.0.1:{port}"
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            url = f"{base}/tencent-im/callback?{callback_query('C2C.CallbackAfterMsgWithDraw', APP)}"
+            try:
+                async with session.post(url, data=encode(sample_body("c2c"))) as response:
+                    body = await response.json()
+                    key = f"{response.status} {body['ErrorInfo']}".strip()
+                    if response.status == 503 and response.headers.get("Retry-After") != "1":
+                        key += " (no Retry-After)"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                key = type(exc).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    return statuses
+
+
+def histogram_quantile(metrics: str, name: str, outcome: str, q: float) -> float | None:
+    """Upper bound (seconds) of the bucket holding quantile *q* of a relay histogram, from /metrics text."""
+    buckets: list[tuple[float, float]] = []
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{") and f'outcome="{outcome}"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    return next(le for le, count in sorted(buckets) if count >= q * total)
+
+
 async def measure_overload(cap: int, factor: int, seconds: float) -> dict[str, Any]:
-    """*factor* × cap concurrent closed-loop clients against RELAY_MAX_IN_FLIGHT=cap."""
+    """*factor* × cap concurrent closed-loop clients (another process) against RELAY_MAX_IN_FLIGHT=cap."""
     out: dict[str, Any] = {"max_in_flight": cap, "concurrent_clients": cap * factor}
     async with Relay(RELAY_MAX_IN_FLIGHT=str(cap)) as relay:
-        statuses: dict[str, int] = {}
-        shed_latencies: list[float] = []
-        ok_latencies: list[float] = []
         rss: list[float] = [rss_mib(relay.pid)]
-        deadline = time.monotonic() + seconds
-        connector = aiohttp.TCPConnector(limit=cap * factor)
-
-        async def client(session: aiohttp.ClientSession) -> None:
-            while time.monotonic() < deadline:
-                url = f"{relay.base}/tencent-im/callback?{callback_query('C2C.CallbackAfterMsgWithDraw', APP)}"
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=encode(sample_body("c2c"))) as response:
-                        body = await response.json()
-                        key = f"{response.status} {body['ErrorInfo']}".strip()
-                        (ok_latencies if response.status == 200 else shed_latencies).append(
-                            time.perf_counter() - started)
-                        if response.status == 503:
-                            assert response.headers.get("Retry-After") == "1"
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    key = type(exc).__name__
-                statuses[key] = statuses.get(key, 0) + 1
-
-        async def sample_rss() -> None:
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                rss.append(rss_mib(relay.pid))
-
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-            await asyncio.gather(sample_rss(), *(client(session) for _ in range(cap * factor)))
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "flood",
+            "--port",
+            str(relay.port),
+            "--clients",
+            str(cap * factor),
+            "--seconds",
+            str(seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        communicate = asyncio.create_task(flooder.communicate())
+        while not communicate.done():
+            await asyncio.sleep(0.5)
+            rss.append(rss_mib(relay.pid))
+        statuses: dict[str, int] = json.loads((await communicate)[0] or b"{}")
+        async with aiohttp.ClientSession() as session, session.get(f"{relay.base}/metrics") as response:
+            metrics = await response.text()
         accepted = statuses.get("200", 0)
         queued = await relay.queued()
+
+        def ms(outcome: str, q: float) -> float | None:
+            value = histogram_quantile(metrics, "relay_request_seconds", outcome, q)
+            return None if value is None else round(value * 1000, 2)
+
         out.update(
             statuses=statuses,
             accepted_per_s=round(accepted / seconds, 1),
-            ok_p99_ms=round(percentile(ok_latencies, 99) * 1000, 1),
-            shed_p50_ms=round(percentile(shed_latencies, 50) * 1000, 2),
-            shed_p99_ms=round(percentile(shed_latencies, 99) * 1000, 2),
+            server_ok_p99_ms_le=ms("accepted", 0.99),
+            server_shed_p50_ms_le=ms("unavailable", 0.5),
+            server_shed_p99_ms_le=ms("unavailable", 0.99),
             rss_mib_start=round(rss[0], 1),
             rss_mib_max=round(max(rss), 1),
             rss_mib_end=round(rss[-1], 1),
@@ -275,16 +322,23 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for phase in ("baseline", "under_slow_headers", "under_slow_body"):
         p = s[phase]
-        lines.append(f"| {phase} | {p['requests']} | {p['statuses']} | {p['p50_ms']} | {p['p99_ms']} | "
-                     f"{p['max_ms']} | {p.get('attack', '')} |")
+        lines.append(
+            f"| {phase} | {p['requests']} | {p['statuses']} | {p['p50_ms']} | {p['p99_ms']} | "
+            f"{p['max_ms']} | {p.get('attack', '')} |"
+        )
     lines += [
         "",
         f"## Overload: {o['concurrent_clients']} concurrent clients, RELAY_MAX_IN_FLIGHT={o['max_in_flight']}",
         "",
-        "| statuses | accepted/s | 200 p99 ms | 503 p50 ms | 503 p99 ms | RSS MiB start/max/end | queued ≥ 200s |",
+        "Latencies are the relay's own `relay_request_seconds` histogram (upper bucket bound), so they exclude",
+        "the load generator's queueing.",
+        "",
+        "| statuses | accepted/s | 200 p99 ms ≤ | 503 p50 ms ≤ | 503 p99 ms ≤ | RSS MiB start/max/end | queued ≥ 200s"
+        " |",
         "|---|---|---|---|---|---|---|",
-        f"| {o['statuses']} | {o['accepted_per_s']} | {o['ok_p99_ms']} | {o['shed_p50_ms']} | {o['shed_p99_ms']} | "
-        f"{o['rss_mib_start']}/{o['rss_mib_max']}/{o['rss_mib_end']} | {o['every_200_queued']} ({o['queued']}) |",
+        f"| {o['statuses']} | {o['accepted_per_s']} | {o['server_ok_p99_ms_le']} | {o['server_shed_p50_ms_le']} | "
+        f"{o['server_shed_p99_ms_le']} | {o['rss_mib_start']}/{o['rss_mib_max']}/{o['rss_mib_end']} | "
+        f"{o['every_200_queued']} ({o['queued']}) |",
         "",
     ]
     return "\n".join(lines)
@@ -292,10 +346,25 @@ def markdown(result: dict[str, Any]) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("mode", nargs="?", choices=["measure", "attack", "flood"], default="measure")
     parser.add_argument("--slow-sockets", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--cap", type=int, default=100)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--sockets", type=int)
+    parser.add_argument("--kind", choices=["headers", "body"])
+    parser.add_argument("--clients", type=int)
     args = parser.parse_args()
+    if args.mode == "attack":
+        stop = asyncio.Event()
+        stats: dict[str, Any] = {}
+        asyncio.get_running_loop().call_later(args.seconds, stop.set)
+        await slowloris(args.port, args.sockets, stop, stats, body=args.kind == "body")
+        print(json.dumps(stats))
+        return
+    if args.mode == "flood":
+        print(json.dumps(await flood(args.port, args.clients, args.seconds)))
+        return
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
