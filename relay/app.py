@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import orjson
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.access import SourcePolicy
 from relay.auth import Authenticator
+from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStore
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
 from relay.ingress import CallbackHandler
@@ -26,6 +28,7 @@ from relay.settings import Settings
 from relay.spool import Spool
 
 CALLBACK_PATH = "/tencent-im/callback"
+log = structlog.get_logger()
 
 
 @dataclass(slots=True)
@@ -41,6 +44,7 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 SPOOL = web.AppKey("spool", Spool)
 DRAINER = web.AppKey("drainer", Drainer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+ENRICHER = web.AppKey("enricher", Enricher)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 
@@ -61,12 +65,21 @@ def create_app(
             metrics,
         )
     spool = Spool(settings.spool_dir, settings.spool_max_bytes, clock=clock)
+    enricher = Enricher(
+        correlation_store(settings, metrics),
+        metrics,
+        budget=settings.enrichment_timeout,
+        evidence=settings.evidence,
+    )
     dispatcher = Dispatcher(publisher, spool, metrics)
     auth = Authenticator(settings.accepted_apps, settings.callback_tokens, settings.signature_max_age, clock)
     handler = CallbackHandler(
         auth,
         dispatcher,
         metrics,
+        enricher=enricher,
+        evidence=settings.evidence,
+        evidence_max_bytes=settings.evidence_max_bytes,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout,
         max_in_flight=settings.max_in_flight,
@@ -81,6 +94,7 @@ def create_app(
     app[SPOOL] = spool
     app[DRAINER] = Drainer(spool, publisher, metrics)
     app[DISPATCHER] = dispatcher
+    app[ENRICHER] = enricher
     app[LIFECYCLE] = Lifecycle()
     app.router.add_post(CALLBACK_PATH, handler.handle)
     metrics.requests_in_flight.set_function(lambda: handler.in_flight)
@@ -89,8 +103,27 @@ def create_app(
     app.router.add_get("/metrics", metrics_endpoint)
     # Set up in this order, torn down in reverse: the drainer's final flush needs the spool and
     # the publisher, the spool must be closed before the broker connection goes.
-    app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx))
+    app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx, _correlation_ctx))
     return app
+
+
+def correlation_store(settings: Settings, metrics: Metrics) -> CorrelationStore | None:
+    """Redis when configured (shared by replicas), else the embedded store; None when enrichment is off."""
+    if not settings.enrichment:
+        return None
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, settings.correlation_ttl, metrics)
+    return MemoryStore(settings.correlation_ttl, settings.correlation_max_entries, metrics)
+
+
+async def _correlation_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[ENRICHER].store
+    if store is not None:
+        await store.start()
+        log.info("relay.correlation_store", store=store.name, evidence=app[SETTINGS].evidence)
+    yield
+    if store is not None:
+        await store.close()
 
 
 def make_runner(app: web.Application) -> web.AppRunner:

@@ -1,4 +1,4 @@
-"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v1.json) and its AMQP envelope.
+"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v2.json) and its AMQP envelope.
 
 Pure data: no I/O, no event loop. An :class:`Envelope` is everything the publisher and the spool
 need, so a spooled event is republished with exactly the bytes and properties of a direct publish.
@@ -13,7 +13,9 @@ from typing import Literal
 
 import orjson
 
-EVENT_VERSION = 1
+# Version 2 added enrichment, sentAt and evidence (docs/events.md, "Versions"); nothing was removed
+# or changed in type, so a version-1 consumer that ignores unknown fields keeps working.
+EVENT_VERSION = 2
 EVENT_TYPE = "message.revoked"
 CLOUDEVENTS_TYPE = "im.message.revoked"
 APP_ID = "revoke-relay"
@@ -22,6 +24,7 @@ EVENT_ID_NAMESPACE = uuid.UUID("6f1c2b8e-5d3a-5b7e-9a41-2c0e7d9b4f10")
 
 ConversationType = Literal["c2c", "group", "official_account"]
 Role = Literal["sender", "group_admin", "app_admin", "unknown"]
+Enrichment = Literal["hit", "miss", "disabled", "error"]
 
 
 def event_id(sdk_app_id: str, conversation_type: ConversationType, server_key: str) -> str:
@@ -83,6 +86,10 @@ class RevokeEvent:
     client_ip: str | None
     event_time_ms: int
     received_at_ms: int
+    server_key: str = ""  # what eventID and the correlation key derive from; not serialized
+    enrichment: Enrichment = "disabled"
+    sent_at_ms: int | None = None
+    evidence: dict[str, object] | None = None
 
     @property
     def routing_key(self) -> str:
@@ -116,6 +123,9 @@ class RevokeEvent:
             "clientIP": self.client_ip,
             "eventTime": rfc3339_ms(self.event_time_ms),
             "receivedAt": rfc3339_ms(self.received_at_ms),
+            "enrichment": self.enrichment,
+            "sentAt": None if self.sent_at_ms is None else rfc3339_ms(self.sent_at_ms),
+            "evidence": self.evidence,
         }
 
     def envelope(self) -> Envelope:

@@ -19,10 +19,12 @@ from aiohttp import web
 from relay.access import SourcePolicy
 from relay.auth import Authenticator
 from relay.callback import RECALL_COMMANDS, CallbackQuery, command_label
+from relay.correlation import Enricher
 from relay.dispatch import Dispatcher
 from relay.errors import STATUS, Reject, Rejection, SpoolError, SpoolFull
 from relay.metrics import Metrics
 from relay.normalize import normalize, parse_object, resolve_command
+from relay.sends import SEND_COMMANDS, parse_send
 
 log = structlog.get_logger()
 
@@ -53,6 +55,9 @@ class CallbackHandler:
         body_timeout: float = 10.0,
         max_in_flight: int = 1000,
         sources: SourcePolicy | None = None,
+        enricher: Enricher | None = None,
+        evidence: bool = False,
+        evidence_max_bytes: int = 4096,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.auth = auth
@@ -62,6 +67,9 @@ class CallbackHandler:
         self.body_timeout = body_timeout
         self.max_in_flight = max_in_flight
         self.sources = sources or SourcePolicy((), ())
+        self.enricher = enricher or Enricher(None, metrics, budget=0.05, evidence=False)
+        self.evidence = evidence
+        self.evidence_max_bytes = evidence_max_bytes
         self.clock = clock
         self.in_flight = 0
         self._shed = 0
@@ -112,14 +120,20 @@ class CallbackHandler:
             return web.Response(body=OK_BODY, content_type=_JSON), command, "ignored"
         try:
             self.auth.check(query)
-            if command is not None and command not in RECALL_COMMANDS:
+            if command is not None and command not in RECALL_COMMANDS and not self._records(command):
                 return self._ignored(command), command, "ignored"
             body = await self._read_body(request)
             received_at_ms = int(self.clock() * 1000)
             if command is None:
                 command = resolve_command(query, parse_object(body))
-                if command not in RECALL_COMMANDS:
+                if command not in RECALL_COMMANDS and not self._records(command):
                     return self._ignored(command), command, "ignored"
+            if command in SEND_COMMANDS:
+                # Recorded for later enrichment, answered at once: the store write happens in the
+                # background and never delays (or fails) a send callback.
+                records = parse_send(body, query, evidence=self.evidence, evidence_max_bytes=self.evidence_max_bytes)
+                self.enricher.record(records)
+                return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
             result = normalize(body, query, received_at_ms)
         except Rejection as rejection:
             return self._reject(rejection, request, command), command, "rejected"
@@ -129,7 +143,8 @@ class CallbackHandler:
         if result.anomalies:
             log.warning("relay.payload_anomaly", command=command, fields=list(result.anomalies))
 
-        envelopes = [event.envelope() for event in result.events]
+        events = await self.enricher.enrich(result.events)
+        envelopes = [event.envelope() for event in events]
         event_ids = [e.event_id for e in envelopes]
         spooled = 0
         if envelopes:
@@ -170,6 +185,9 @@ class CallbackHandler:
 
         log.info("relay.callback_accepted", command=command, event_ids=event_ids, spooled=spooled)
         return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
+
+    def _records(self, command: str) -> bool:
+        return command in SEND_COMMANDS and self.enricher.store is not None
 
     def _ignored(self, command: str) -> web.Response:
         log.debug("relay.callback_ignored", command=command)

@@ -21,6 +21,8 @@ OUTCOMES = ("accepted", "partial", "ignored", "rejected", "unavailable")
 PUBLISH_REASONS = ("disconnected", "blocked", "timeout", "returned", "nacked", "error")
 PUBLISH_OUTCOMES = ("confirmed", *PUBLISH_REASONS)
 SPOOL_WRITE_FAILURES = ("full", "unavailable")
+LOOKUP_RESULTS = ("hit", "miss", "error", "disabled")
+STORE_OPS = ("get", "put")
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
@@ -144,6 +146,40 @@ class Metrics:
         self.spool_available = Gauge(
             "relay_spool_available", "1 while the spool accepts writes (open, writable).", registry=registry
         )
+        self.correlation_lookups = Counter(
+            "relay_correlation_lookups_total",
+            "Recall events by enrichment result: hit, miss, error (store down or slow), disabled.",
+            ["result"],
+            registry=registry,
+        )
+        self.correlation_store_seconds = Histogram(
+            "relay_correlation_store_seconds",
+            "Correlation store round trips: get (one per recall callback), put (one per batch of sends).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.correlation_store_errors = Counter(
+            "relay_correlation_store_errors_total",
+            "Correlation store operations that failed.",
+            ["op"],
+            registry=registry,
+        )
+        self.correlation_writes = Counter(
+            "relay_correlation_writes_total",
+            "Send records written to the correlation store.",
+            registry=registry,
+        )
+        self.correlation_dropped = Counter(
+            "relay_correlation_dropped_total",
+            "Send records not stored (queue full or write failed); their recalls will not be enriched.",
+            registry=registry,
+        )
+        self.correlation_memory_entries = Gauge(
+            "relay_correlation_memory_entries",
+            "Send records held by the embedded (in-memory) store; 0 with Redis.",
+            registry=registry,
+        )
         self.broker_connects = Counter(
             "relay_broker_connects_total",
             "Successful connections (first and re-connections) to RabbitMQ.",
@@ -170,6 +206,11 @@ class Metrics:
             self.publishes.labels(outcome)
         for reason in SPOOL_WRITE_FAILURES:
             self.spool_write_failures.labels(reason)
+        for result in LOOKUP_RESULTS:
+            self.correlation_lookups.labels(result)
+        for op in STORE_OPS:
+            self.correlation_store_seconds.labels(op)
+            self.correlation_store_errors.labels(op)
 
     def watch_spool(self, spool: SpoolGauges) -> None:
         """Read the spool's state at scrape time (no bookkeeping on the hot path)."""

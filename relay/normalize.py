@@ -207,6 +207,7 @@ class _Builder:
             client_ip=self.query.client_ip,
             event_time_ms=self.event_time_ms,
             received_at_ms=self.received_at_ms,
+            server_key=server_key,
         )
 
     def result(self, events: list[RevokeEvent], rejected: list[ItemRejection]) -> Normalized:

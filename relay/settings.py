@@ -19,6 +19,8 @@ from relay.errors import ConfigError
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # AMQP 0-9-1 exchange/queue name domain (what the protocol codec enforces), at most 127 chars.
 _AMQP_NAME = re.compile(r"[A-Za-z0-9\-_.:@#,/+]{1,127}")
+_ON = frozenset({"on", "true", "1", "yes"})
+_OFF = frozenset({"off", "false", "0", "no"})
 _NAME_RULE = "has characters outside A-Z a-z 0-9 - _ . : @ # , / + (at most 127)"
 _LOG_FORMATS = ("json", "console")
 
@@ -61,11 +63,22 @@ class Settings:
     max_in_flight: int = 1000
     allowed_cidrs: tuple[Network, ...] = ()
     trusted_proxies: tuple[Network, ...] = ()
+    redis_url: str | None = field(default=None, repr=False)
+    enrichment: bool = True
+    enrichment_timeout: float = 0.05
+    correlation_ttl: int = 7 * 24 * 3600
+    correlation_max_entries: int = 100_000
+    evidence: bool = False
+    evidence_max_bytes: int = 4096
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
         tokens = {app: "***" for app in self.callback_tokens}
-        return f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r})"
+        redis = redact_url(self.redis_url) if self.redis_url else None
+        return (
+            f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
+            f"redis_url={redis!r})"
+        )
 
     @property
     def accepted_apps(self) -> frozenset[str]:
@@ -163,6 +176,27 @@ class Settings:
                 values[key] = parse_networks(_split(get(name)))
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
+
+        number("RELAY_ENRICHMENT_TIMEOUT", "enrichment_timeout", float, 0.001, 5)
+        number("RELAY_CORRELATION_TTL", "correlation_ttl", int, 1, 366 * 24 * 3600)
+        number("RELAY_CORRELATION_MAX_ENTRIES", "correlation_max_entries", int, 1, 100_000_000)
+        number("RELAY_EVIDENCE_MAX_BYTES", "evidence_max_bytes", int, 64, 1024 * 1024)
+        for name, key in (("RELAY_ENRICHMENT", "enrichment"), ("RELAY_EVIDENCE", "evidence")):
+            raw = get(name)
+            if raw is None:
+                continue
+            if raw.lower() in _ON | _OFF:
+                values[key] = raw.lower() in _ON
+            else:
+                problems.append(f"{name}: expected on or off, got {raw!r}")
+        redis_url = get("RELAY_REDIS_URL")
+        if redis_url is not None:
+            if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+                problems.append(
+                    f"RELAY_REDIS_URL: must start with redis://, rediss:// or unix://, got {redact_url(redis_url)!r}"
+                )
+            else:
+                values["redis_url"] = redis_url
 
         spool_dir = get("RELAY_SPOOL_DIR")
         if spool_dir is not None:

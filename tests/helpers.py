@@ -24,7 +24,7 @@ OTHER_APP = "1400000002"  # accepted without a token
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 EVENT_SCHEMA: dict[str, Any] = json.loads(
-    resources.files("relay").joinpath("schema/event.v1.json").read_text(encoding="utf-8")
+    resources.files("relay").joinpath("schema/event.v2.json").read_text(encoding="utf-8")
 )
 _VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
 

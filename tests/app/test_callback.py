@@ -187,11 +187,11 @@ async def test_non_recall_command_is_answered_ok_and_counted(
     registry: CollectorRegistry,
 ) -> None:
     """Other commands on the same URL get OK at once, are not published, and are counted."""
-    target = url("Group.CallbackAfterSendMsg")
-    assert (200, OK) == await post(client, target, b'{"CallbackCommand":"Group.CallbackAfterSendMsg"}')
+    target = url("State.StateChange")
+    assert (200, OK) == await post(client, target, b'{"CallbackCommand":"State.StateChange"}')
     assert (200, OK) == await post(client, url("Some.FutureCommand"), b"{}")
     assert [] == publisher.published
-    assert 1 == metric(registry, "relay_callbacks_total", command="Group.CallbackAfterSendMsg", outcome="ignored")
+    assert 1 == metric(registry, "relay_callbacks_total", command="State.StateChange", outcome="ignored")
     assert 1 == metric(registry, "relay_callbacks_total", command="other", outcome="ignored")
 
 

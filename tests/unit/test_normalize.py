@@ -74,7 +74,7 @@ OFFICIAL = {
 def test_c2c_intl_variant_is_one_event_with_every_field() -> None:
     """A C2C recall without EventTime becomes one complete event timed at receipt."""
     expected = {
-        "version": 1,
+        "version": 2,
         "eventID": event_id(APP, "c2c", "90211_3019944112_1767225540"),
         "type": "message.revoked",
         "msgID": "90211_3019944112_1767225540",
@@ -98,6 +98,9 @@ def test_c2c_intl_variant_is_one_event_with_every_field() -> None:
         "clientIP": "198.51.100.7",
         "eventTime": "2026-01-01T00:00:05.000Z",
         "receivedAt": "2026-01-01T00:00:05.000Z",
+        "enrichment": "disabled",
+        "sentAt": None,
+        "evidence": None,
     }
     assert [expected] == run(C2C_INTL)
 

@@ -1,0 +1,122 @@
+"""After-send callbacks → correlation records (pure: no I/O).
+
+The IM backend reports every sent message on the same callback URL. Recording, per message, the
+server key → client msgID, sender and send time lets a later recall event say which message the
+SDK knows, who wrote it, and (with evidence on) what it said. Keys use the same server key as the
+eventID, so a recall finds its send record without any other index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from relay.callback import CallbackQuery
+from relay.errors import Reject, Rejection
+from relay.events import ConversationType
+from relay.normalize import MAX_ID_CHARS, group_server_key, parse_object, resolve_command
+
+C2C_SEND = "C2C.CallbackAfterSendMsg"
+GROUP_SEND = "Group.CallbackAfterSendMsg"
+OFFICIAL_ACCOUNT_SEND = "OfficialAccount.CallbackAfterSendMsg"
+SEND_COMMANDS = frozenset({C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND})
+
+
+def correlation_key(sdk_app_id: str, conversation_type: ConversationType, server_key: str) -> str:
+    """The store key of a message: the eventID's own name, so send and recall meet without an index."""
+    return f"{sdk_app_id}/{conversation_type}/{server_key}"
+
+
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    """What a send callback tells about one message. Stored compactly; never logged."""
+
+    key: str
+    client_msg_id: str | None
+    sender: str | None
+    sent_at_ms: int | None
+    evidence: dict[str, Any] | None = None
+
+    def encode(self) -> bytes:
+        record: dict[str, Any] = {"m": self.client_msg_id, "s": self.sender, "t": self.sent_at_ms}
+        if self.evidence is not None:
+            record["e"] = self.evidence
+        return orjson.dumps(record)
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> SendRecord:
+        data = orjson.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("correlation record is not an object")
+        return cls(key, _str(data.get("m")), _str(data.get("s")), _int(data.get("t")), _obj(data.get("e")))
+
+
+def parse_send(
+    body: bytes, query: CallbackQuery, *, evidence: bool = False, evidence_max_bytes: int = 4096
+) -> list[SendRecord]:
+    """Records for a send callback; [] for a failed send. Raises Rejection for an unusable body."""
+    data = parse_object(body)
+    command = resolve_command(query, data)
+    app = query.sdk_app_id or ""
+    result = data.get("SendMsgResult")
+    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+        return []  # the message was not delivered: it can never be recalled
+    sent_at_ms = _seconds_to_ms(data.get("MsgTime"))
+    proof = _evidence(data, evidence_max_bytes) if evidence else None
+    if command == C2C_SEND:
+        key = correlation_key(app, "c2c", _required(data, "MsgKey"))
+        sender = _required(data, "From_Account")
+    elif command == GROUP_SEND:
+        seq = data.get("MsgSeq")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
+            raise Rejection(Reject.INVALID_FIELD, "MsgSeq is not a non-negative integer")
+        topic = _str(data.get("TopicId")) or None
+        key = correlation_key(app, "group", group_server_key(_required(data, "GroupId"), topic, seq))
+        sender = _required(data, "From_Account")
+    elif command == OFFICIAL_ACCOUNT_SEND:
+        key = correlation_key(app, "official_account", _required(data, "MsgKey"))
+        sender = _required(data, "Official_Account")
+    else:
+        raise ValueError(f"{command!r} is not a send command")  # caller routes only sends here
+    msg_id = data.get("MsgId")
+    client_msg_id = msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= MAX_ID_CHARS else None
+    return [SendRecord(key, client_msg_id, sender, sent_at_ms, proof)]
+
+
+def _required(data: Mapping[str, object], name: str) -> str:
+    value = data.get(name)
+    if value is None or value == "":
+        raise Rejection(Reject.MISSING_FIELD, f"{name} is missing")
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise Rejection(Reject.INVALID_FIELD, f"{name} must be a string of at most {MAX_ID_CHARS} chars")
+    return value
+
+
+def _evidence(data: Mapping[str, object], limit: int) -> dict[str, Any]:
+    """The message content for moderation, or a marker when it is larger than the cap (never cut:
+    a truncated MsgBody could misrepresent what was said)."""
+    proof = {"msgBody": data.get("MsgBody"), "cloudCustomData": data.get("CloudCustomData")}
+    size = len(orjson.dumps(proof))
+    return proof if size <= limit else {"omitted": "too_large", "bytes": size}
+
+
+def _seconds_to_ms(value: object) -> int | None:
+    # MsgTime is Unix seconds in send callbacks (EventTime is milliseconds).
+    if isinstance(value, int) and not isinstance(value, bool) and 946_684_800 <= value < 4_102_444_800:
+        return value * 1000
+    return None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _obj(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,257 @@
+"""Send callbacks → records, and records → enriched recall events (embedded store, no I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
+from relay.correlation import Enricher, MemoryStore
+from relay.errors import Reject, Rejection
+from relay.events import RevokeEvent
+from relay.metrics import Metrics
+from relay.normalize import normalize
+from relay.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND, SendRecord, parse_send
+from tests.helpers import APP
+
+C2C_SENT = {
+    "CallbackCommand": C2C_SEND,
+    "From_Account": "u_alice",
+    "To_Account": "u_bob",
+    "MsgSeq": 48374,
+    "MsgRandom": 2837546,
+    "MsgTime": 1767225540,
+    "MsgKey": "48374_2837546_1767225540",
+    "MsgId": "144115212345678901-1767225540-2837546",
+    "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hello"}}],
+    "CloudCustomData": "cc",
+    "SendMsgResult": 0,
+}
+GROUP_SENT = {
+    "CallbackCommand": GROUP_SEND,
+    "GroupId": "@TGS#2SAMPLE",
+    "Type": "Public",
+    "From_Account": "u_carol",
+    "Operator_Account": "",
+    "Random": 1,
+    "MsgSeq": 123,
+    "MsgTime": 1767225500,
+    "MsgId": "144115200000000001-1767225500-1",
+    "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "spam"}}],
+    "EventTime": "1767225500123",
+}
+
+
+def q(command: str, platform: str = "Android") -> CallbackQuery:
+    return CallbackQuery(sdk_app_id=APP, command=command, platform=platform)
+
+
+def sends(body: dict[str, Any], **kw: Any) -> list[SendRecord]:
+    return parse_send(orjson.dumps(body), q(str(body["CallbackCommand"])), **kw)
+
+
+def recalls(body: dict[str, Any], platform: str = "Android") -> list[RevokeEvent]:
+    return list(normalize(orjson.dumps(body), q(str(body["CallbackCommand"]), platform), 1_767_225_600_000).events)
+
+
+def group_recall(operator: str, seq: int = 123, topic: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "CallbackCommand": GROUP_RECALL,
+        "Operator_Account": operator,
+        "Type": "Public",
+        "GroupId": "@TGS#2SAMPLE",
+        "MsgSeqList": [{"MsgSeq": seq}],
+    }
+    if topic:
+        body["TopicId"] = topic
+    return body
+
+
+def c2c_recall() -> dict[str, Any]:
+    return {
+        "CallbackCommand": C2C_RECALL,
+        "From_Account": "u_alice",
+        "To_Account": "u_bob",
+        "MsgKey": "48374_2837546_1767225540",
+    }
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def enricher(*, evidence: bool = False, ttl: float = 60, clock: Clock | None = None) -> Enricher:
+    metrics = Metrics(CollectorRegistry())
+    store = MemoryStore(ttl, 1000, metrics, clock=clock or Clock())
+    return Enricher(store, metrics, budget=0.5, evidence=evidence)
+
+
+async def enrich(e: Enricher, sent: Sequence[SendRecord], events: Sequence[RevokeEvent]) -> list[dict[str, Any]]:
+    e.record(sent)
+    return [x.to_dict() for x in await e.enrich(events)]
+
+
+def test_c2c_send_record() -> None:
+    """A C2C send is keyed by app and MsgKey and keeps the SDK msgID, sender and send time (ms)."""
+    (record,) = sends(C2C_SENT)
+    assert (
+        f"{APP}/c2c/48374_2837546_1767225540",
+        "144115212345678901-1767225540-2837546",
+        "u_alice",
+        1767225540000,
+        None,
+    ) == (record.key, record.client_msg_id, record.sender, record.sent_at_ms, record.evidence)
+
+
+def test_failed_send_is_not_recorded() -> None:
+    """A send that failed (SendMsgResult != 0) can never be recalled and is not stored."""
+    assert [] == sends({**C2C_SENT, "SendMsgResult": 20006})
+
+
+def test_evidence_is_kept_only_when_enabled_and_never_cut() -> None:
+    """Evidence holds MsgBody and CloudCustomData when on; past the cap it is replaced by a marker."""
+    assert sends(C2C_SENT)[0].evidence is None
+    (kept,) = sends(C2C_SENT, evidence=True)
+    assert {"msgBody": C2C_SENT["MsgBody"], "cloudCustomData": "cc"} == kept.evidence
+    (big,) = sends({**C2C_SENT, "CloudCustomData": "x" * 5000}, evidence=True, evidence_max_bytes=4096)
+    assert big.evidence is not None
+    assert "too_large" == big.evidence["omitted"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        pytest.param({**C2C_SENT, "MsgKey": None}, Reject.MISSING_FIELD, id="c2c-no-msgkey"),
+        pytest.param({**GROUP_SENT, "MsgSeq": "123"}, Reject.INVALID_FIELD, id="group-seq-string"),
+        pytest.param({"CallbackCommand": OFFICIAL_ACCOUNT_SEND, "MsgKey": "k"}, Reject.MISSING_FIELD, id="oa-no-acct"),
+    ],
+)
+def test_unusable_send_callbacks_are_rejected(body: dict[str, Any], code: Reject) -> None:
+    """A send callback without its identifying fields is refused like any bad input."""
+    with pytest.raises(Rejection) as info:
+        sends(body)
+    assert code == info.value.code
+
+
+async def test_c2c_recall_gets_client_msg_id_and_send_time() -> None:
+    """A C2C recall after its send carries the SDK msgID as msgID/clientMsgID, and sentAt."""
+    (event,) = await enrich(enricher(), sends(C2C_SENT), recalls(c2c_recall()))
+    assert (
+        "hit",
+        "144115212345678901-1767225540-2837546",
+        "144115212345678901-1767225540-2837546",
+        "2025-12-31T23:59:00.000Z",
+        {"userID": "u_alice", "role": "sender"},
+    ) == (event["enrichment"], event["msgID"], event["clientMsgID"], event["sentAt"], event["operator"])
+
+
+@pytest.mark.parametrize(
+    ("operator", "platform", "role"),
+    [
+        pytest.param("u_carol", "Android", "sender", id="sender-recalls-own"),
+        pytest.param("u_mod01", "iOS", "group_admin", id="admin-recalls-another"),
+        pytest.param("admin", "RESTAPI", "app_admin", id="rest-recall"),
+    ],
+)
+async def test_group_roles(operator: str, platform: str, role: str) -> None:
+    """With the send known, a group recall says whose message it was and in which role it was recalled."""
+    (event,) = await enrich(enricher(), sends(GROUP_SENT), recalls(group_recall(operator), platform))
+    assert ("hit", "u_carol", {"userID": operator, "role": role}) == (
+        event["enrichment"],
+        event["sender"],
+        event["operator"],
+    )
+
+
+async def test_topic_messages_are_keyed_per_topic() -> None:
+    """The same MsgSeq in another topic is another message: no false hit across topics."""
+    topic = "@TGS#2SAMPLE@TOPIC#_t1"
+    e = enricher()
+    e.record(sends({**GROUP_SENT, "TopicId": topic}))
+    hit, miss = await e.enrich(recalls(group_recall("u_carol", topic=topic)) + recalls(group_recall("u_carol")))
+    assert ("hit", "miss") == (hit.enrichment, miss.enrichment)
+
+
+async def test_official_account_recall_is_enriched() -> None:
+    """An official-account send record gives its recall a send time (and evidence when on)."""
+    sent = {
+        "CallbackCommand": OFFICIAL_ACCOUNT_SEND,
+        "Official_Account": "@TOA#_news01",
+        "MsgKey": "77_1_1767225000",
+        "MsgTime": 1767225000,
+        "MsgBody": [{"MsgType": "TIMTextElem"}],
+    }
+    recall = {
+        "CallbackCommand": OFFICIAL_ACCOUNT_RECALL,
+        "Official_Account": "@TOA#_news01",
+        "WithdrawMsgList": [{"MsgKey": "77_1_1767225000"}],
+    }
+    (event,) = await enrich(enricher(evidence=True), sends(sent, evidence=True), recalls(recall))
+    assert ("hit", "2025-12-31T23:50:00.000Z", [{"MsgType": "TIMTextElem"}]) == (
+        event["enrichment"],
+        event["sentAt"],
+        event["evidence"]["msgBody"],
+    )
+
+
+async def test_miss_leaves_the_event_as_it_was() -> None:
+    """A recall with no recorded send is published with enrichment=miss and nothing invented."""
+    (event,) = await enrich(enricher(), [], recalls(group_recall("u_mod01")))
+    assert ("miss", None, {"userID": "u_mod01", "role": "unknown"}, None) == (
+        event["enrichment"],
+        event["sender"],
+        event["operator"],
+        event["sentAt"],
+    )
+
+
+async def test_evidence_stays_out_when_disabled() -> None:
+    """Evidence recorded earlier is not published by a relay with evidence off."""
+    (event,) = await enrich(enricher(evidence=False), sends(C2C_SENT, evidence=True), recalls(c2c_recall()))
+    assert ("hit", None) == (event["enrichment"], event["evidence"])
+
+
+async def test_entries_expire_after_the_ttl() -> None:
+    """A send record older than RELAY_CORRELATION_TTL no longer enriches."""
+    clock = Clock()
+    e = enricher(ttl=10, clock=clock)
+    e.record(sends(C2C_SENT))
+    clock.now += 11
+    assert ["miss"] == [x.enrichment for x in await e.enrich(recalls(c2c_recall()))]
+
+
+async def test_slow_store_is_an_error_within_the_budget() -> None:
+    """A store slower than the budget yields enrichment=error quickly, then the breaker skips lookups."""
+
+    class Slow(MemoryStore):
+        async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
+            await asyncio.sleep(5)
+            return [None for _ in keys]
+
+    metrics = Metrics(CollectorRegistry())
+    e = Enricher(Slow(60, 10, metrics), metrics, budget=0.05, evidence=False)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    (event,) = await e.enrich(recalls(c2c_recall()))
+    assert "error" == event.enrichment
+    assert loop.time() - started < 0.5
+    assert "error" == (await e.enrich(recalls(c2c_recall())))[0].enrichment  # breaker open: no wait
+    assert 2 == metrics.registry.get_sample_value("relay_correlation_lookups_total", {"result": "error"})
+
+
+async def test_memory_store_is_bounded() -> None:
+    """The embedded store keeps at most RELAY_CORRELATION_MAX_ENTRIES, dropping the oldest."""
+    metrics = Metrics(CollectorRegistry())
+    store = MemoryStore(60, 3, metrics)
+    store.submit([SendRecord(f"k{i}", None, "u", None) for i in range(5)])
+    assert 3 == len(store)
+    assert [None, None, b'{"m":null,"s":"u","t":null}'] == await store.lookup(["k0", "k1", "k4"])
