@@ -1,12 +1,12 @@
-"""Publishing to RabbitMQ with publisher confirms: the only module that knows aio-pika.
+"""Publishing to RabbitMQ with publisher confirms, over relay.amqp's connection.
 
 Why the care: the IM backend never retries, so "published" must mean *the broker confirmed it*.
-* Confirms on, ``mandatory`` on, returns raise: for an unroutable message RabbitMQ sends
-  ``basic.return`` and then ``basic.ack``, so an ack alone does not mean "queued".
-* Every publish has a deadline: a hung broker may never confirm, and aiormq notices a frozen
-  peer only after several heartbeats, surfacing it as ``CancelledError`` out of ``publish()``.
-* One connection of our own, supervised here (not ``connect_robust``): we need to know exactly
-  when the channel is usable for readiness, and we never want a publish parked on a reconnect.
+* Confirms on, ``mandatory`` on: for an unroutable message RabbitMQ sends ``basic.return`` and then
+  ``basic.ack``, so an ack alone does not mean "queued"; a returned publish counts as failed.
+* Every publish has a deadline: a hung broker may never confirm, and heartbeats notice a frozen
+  peer only after two intervals.
+* One connection of our own, supervised here: we know exactly when the channel is usable for
+  readiness, and a publish never waits for a reconnect.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
-import aio_pika
-import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from pamqp import commands
 from yarl import URL
 
+from relay import amqp
 from relay.errors import PublishFailed
 from relay.events import APP_ID, EVENT_TYPE, Envelope
 from relay.metrics import Metrics
@@ -30,7 +29,7 @@ from relay.metrics import Metrics
 log = structlog.get_logger()
 
 BINDING_KEY = f"{EVENT_TYPE}.#"
-# Hung-broker detection takes ~3-4 heartbeats; 5 s keeps it near the publish timeout.
+# Hung-broker detection takes two heartbeats; 5 s keeps it near the publish timeout.
 DEFAULT_HEARTBEAT = 5
 _CONNECT_TIMEOUT = 10.0
 
@@ -51,11 +50,17 @@ class Publisher(Protocol):
 
 
 def with_default_heartbeat(url: str) -> str:
-    """Add ``heartbeat=5`` to the AMQP URL unless the operator chose one."""
+    """Add ``heartbeat=5`` to the AMQP URL unless the operator chose one (for aio-pika clients)."""
     parsed = URL(url)
     if "heartbeat" in parsed.query:
         return url
     return str(parsed.update_query(heartbeat=DEFAULT_HEARTBEAT))
+
+
+def heartbeat_of(url: str) -> int:
+    """The ``heartbeat`` query parameter of the AMQP URL (seconds), or 5."""
+    value = URL(url).query.get("heartbeat")
+    return int(value) if value is not None and value.isdigit() else DEFAULT_HEARTBEAT
 
 
 class AmqpPublisher:
@@ -72,20 +77,20 @@ class AmqpPublisher:
         connection_name: str = "revoke-relay",
         reconnect_max: float = 5.0,
     ) -> None:
-        self._url = with_default_heartbeat(url)
-        self._exchange_name = exchange
+        self._url = url
+        self._heartbeat = heartbeat_of(url)
+        self._exchange = exchange
         self._queues = queues
         self._timeout = publish_timeout
         self._metrics = metrics
         self._name = connection_name
         self._reconnect_max = reconnect_max
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
+        self._connection: amqp.Connection | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._last_confirm = 0.0  # monotonic time of the last confirm, or of the connection
-        self._recycle: asyncio.Event | None = None
+        self._recycle = asyncio.Event()
+        self._bind_only: set[str] = set()  # queues that exist with other arguments: bind, never re-declare
         self.connected = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -104,20 +109,13 @@ class AmqpPublisher:
 
     @property
     def ready(self) -> bool:
-        channel = self._channel
-        return self._exchange is not None and channel is not None and not channel.is_closed and not self.blocked
+        connection = self._connection
+        return connection is not None and not connection.closed.done() and not connection.blocked
 
     @property
     def blocked(self) -> bool:
-        """True while RabbitMQ has sent ``connection.blocked`` (memory or disk alarm).
-
-        aiormq tracks it only in a private event; reading it here keeps the hack in one place.
-        """
-        connection = self._connection
-        if connection is None or connection.transport is None:
-            return False
-        unblocked = getattr(connection.transport.connection, "_Connection__connection_unblocked", None)
-        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+        """True while RabbitMQ has sent ``connection.blocked`` (memory or disk alarm)."""
+        return self._connection is not None and self._connection.blocked
 
     async def _supervise(self) -> None:
         attempt = 0
@@ -137,49 +135,68 @@ class AmqpPublisher:
             await self._watch()
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect(
-            self._url, timeout=_CONNECT_TIMEOUT, client_properties={"connection_name": self._name}
+        connection = await amqp.connect(
+            self._url, heartbeat_s=self._heartbeat, name=self._name, timeout=_CONNECT_TIMEOUT
         )
-        self._connection = connection  # type: ignore[assignment]
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel
-        exchange = await channel.declare_exchange(self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+        self._connection = connection
+        connection.publish_timeout = self._timeout
+        await connection.call(
+            commands.Exchange.Declare(exchange=self._exchange, exchange_type="topic", durable=True),
+            commands.Exchange.DeclareOk,
+        )
         for name in self._queues:
-            # Quorum queues: replicated, always durable; the recommended type for data safety.
-            queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-            await queue.bind(exchange, BINDING_KEY)
-        self._exchange = exchange
+            if name not in self._bind_only:
+                await self._declare_queue(connection, name)
+            await connection.call(
+                commands.Queue.Bind(queue=name, exchange=self._exchange, routing_key=BINDING_KEY),
+                commands.Queue.BindOk,
+            )
         self._last_confirm = time.monotonic()
+        self._recycle.clear()
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
         self.connected.set()
-        log.info("relay.broker_connected", exchange=self._exchange_name, queues=list(self._queues))
+        log.info("relay.broker_connected", exchange=self._exchange, queues=list(self._queues))
+
+    async def _declare_queue(self, connection: amqp.Connection, name: str) -> None:
+        """Declare a quorum queue (replicated, always durable: the recommended type for data safety).
+
+        If a consumer already declared it with other arguments (dead-lettering, delivery limit, …)
+        the broker refuses with 406 and closes the channel. That queue is then only bound from the
+        next connection on: the relay must not be kept from publishing by a queue it does not own.
+        """
+        try:
+            await connection.call(
+                commands.Queue.Declare(queue=name, durable=True, arguments={"x-queue-type": "quorum"}),
+                commands.Queue.DeclareOk,
+            )
+        except amqp.AmqpError as exc:
+            if exc.code == 406:  # PRECONDITION_FAILED: exists with different arguments
+                self._bind_only.add(name)
+                log.warning("relay.queue_exists_with_other_arguments", queue=name, detail=str(exc)[:300])
+            raise
 
     async def _watch(self) -> None:
-        """Wait until the connection or channel closes, tracking the blocked state meanwhile."""
-        assert self._connection is not None
-        assert self._channel is not None
-        lost = asyncio.Event()
-        self._recycle = lost
-        self._connection.close_callbacks.add(lambda *_: lost.set())
-        self._channel.close_callbacks.add(lambda *_: lost.set())
+        """Wait until the connection closes or must be recycled, tracking the blocked state meanwhile."""
+        connection = self._connection
+        assert connection is not None
         was_blocked = False
-        while not lost.is_set():
+        recycle = asyncio.ensure_future(self._recycle.wait())
+        either: set[asyncio.Future[Any]] = {connection.closed, recycle}
+        while not connection.closed.done() and not self._recycle.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.25):
-                    await lost.wait()
-            blocked = self.blocked
-            if blocked != was_blocked:
-                was_blocked = blocked
-                self._metrics.broker_blocked.set(int(blocked))
-                log.warning("relay.broker_blocked" if blocked else "relay.broker_unblocked")
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if connection.blocked != was_blocked:
+                was_blocked = connection.blocked
+                self._metrics.broker_blocked.set(int(was_blocked))
+                log.warning("relay.broker_blocked" if was_blocked else "relay.broker_unblocked")
+        recycle.cancel()
         await self._drop("connection_lost")
 
     async def _drop(self, why: str) -> None:
-        was_up = self._exchange is not None
         connection = self._connection
-        self._exchange = None
-        self._channel = None
+        was_up = self.connected.is_set()
         self._connection = None
         self.connected.clear()
         self._metrics.broker_connected.set(0)
@@ -188,52 +205,43 @@ class AmqpPublisher:
             log.info("relay.broker_closed")
         elif was_up:
             log.warning("relay.broker_disconnected", why=why)
-        if connection is not None and not connection.is_closed:
+        if connection is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                async with asyncio.timeout(2):
-                    await connection.close()
+                await connection.close(timeout=2.0)
 
     # -- publishing ----------------------------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
-        exchange = self._exchange
-        if exchange is None or self._channel is None or self._channel.is_closed:
+        connection = self._connection
+        if connection is None or connection.closed.done():
             raise self._failed("disconnected", "no open channel")
-        if self.blocked:
+        if connection.blocked:
             # Publishing now would sit in the socket buffer until the alarm clears; fail fast.
             raise self._failed("blocked", "broker resource alarm")
-        message = aio_pika.Message(
-            envelope.body,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        properties = amqp.encode_properties(
             content_type="application/json",
+            headers=envelope.headers(),
+            delivery_mode=2,  # persistent
             message_id=envelope.event_id,
             timestamp=envelope.timestamp,
             type=EVENT_TYPE,
             app_id=APP_ID,
-            headers=envelope.headers(),  # type: ignore[arg-type]
         )
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
-                await exchange.publish(message, envelope.routing_key, mandatory=True)
-        except TimeoutError:
+            await connection.publish(self._exchange, envelope.routing_key, envelope.body, properties, envelope.event_id)
+        except amqp.ConfirmTimeout:
             self._maybe_recycle()
             raise self._failed("timeout", f"no confirm within {self._timeout}s", in_doubt=True) from None
-        except aiormq.exceptions.PublishError as exc:  # basic.return: no queue is bound for the key
-            raise self._failed("returned", str(exc)[:200]) from exc
-        except aiormq.exceptions.DeliveryError as exc:  # basic.nack
-            raise self._failed("nacked", str(exc)[:200]) from exc
-        except aiormq.exceptions.ChannelInvalidStateError as exc:  # closed before we could send
-            raise self._failed("disconnected", str(exc)[:200]) from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            raise self._failed("disconnected", repr(exc)[:200], in_doubt=True) from exc
+        except amqp.Returned as exc:  # basic.return: no queue is bound for the key
+            raise self._failed("returned", str(exc)) from exc
+        except amqp.Nacked as exc:
+            raise self._failed("nacked", str(exc)) from exc
+        except amqp.AmqpError as exc:
+            raise self._failed("disconnected", str(exc)[:200], in_doubt=exc.in_doubt) from exc
         except asyncio.CancelledError:
-            # aiormq cancels pending confirms when it declares the connection dead; that is a
-            # broker failure, unless *we* are being cancelled (shutdown), which must propagate.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            raise self._failed("disconnected", "connection lost before confirm", in_doubt=True) from None
+            # Our own cancellation (shutdown) must propagate; nothing else cancels this future.
+            raise
         self._last_confirm = time.monotonic()
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
         self._metrics.publishes.labels("confirmed").inc()
@@ -241,12 +249,11 @@ class AmqpPublisher:
     def _maybe_recycle(self) -> None:
         """A connection that stays open but has confirmed nothing for two publish timeouts is not
         trusted any more (frozen or half-dead broker, stuck channel): drop it and reconnect, rather
-        than wait the several heartbeats aiormq needs to notice."""
-        if self._recycle is not None and time.monotonic() - self._last_confirm > 2 * self._timeout:
-            if not self._recycle.is_set():
-                log.warning(
-                    "relay.broker_unresponsive", seconds_without_confirm=round(time.monotonic() - self._last_confirm, 1)
-                )
+        than wait for heartbeats to notice."""
+        if time.monotonic() - self._last_confirm > 2 * self._timeout and not self._recycle.is_set():
+            log.warning(
+                "relay.broker_unresponsive", seconds_without_confirm=round(time.monotonic() - self._last_confirm, 1)
+            )
             self._recycle.set()
 
     def _failed(self, reason: str, detail: str, *, in_doubt: bool = False) -> PublishFailed:

@@ -300,3 +300,23 @@ async def test_spool_drain_command_forwards_everything(
     assert 0 == await drain_spool(settings, tmp_path, 15)
     messages = await read_messages(amqp, names["queue"], 4)
     assert [e.event_id for e in items] == [m.message_id for m in messages]
+
+
+async def test_queue_declared_by_a_consumer_with_other_arguments_is_bound_not_fought(
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    amqp: aio_pika.abc.AbstractChannel,
+    names: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """A RELAY_QUEUES queue that a consumer declared with dead-lettering does not stop the relay: it is
+    bound and receives events (a re-declare with other arguments would be refused with 406)."""
+    await amqp.declare_queue(
+        names["queue"],
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-delivery-limit": 5, "x-dead-letter-exchange": "dlx"},
+    )
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path)
+    assert 200 == (await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))).status
+    (message,) = await read_messages(amqp, names["queue"], 1)
+    assert "message.revoked.c2c" == message.routing_key
