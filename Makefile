@@ -44,11 +44,12 @@ faults: $(STAMP)
 	$(BIN)/python -m tests.faults --profile full --out bench/results/faults-full.json
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests examples bench
+	$(BIN)/ruff format --check relay tests examples bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples/consumer.py
 
 pytest: $(STAMP)
 	$(BIN)/pytest

@@ -1,4 +1,4 @@
-"""``relay`` command line: serve, check-config, send-sample, spool stats|export|drain."""
+"""``relay`` command line: serve, check-config, send-sample, tail, spool stats|export|drain, correlation purge."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
 from relay.app import LIFECYCLE, METRICS, create_app, make_runner
+from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
 from relay.metrics import Metrics
@@ -28,6 +29,7 @@ from relay.publisher import AmqpPublisher
 from relay.samples import KINDS, callback_query, encode, sample_body
 from relay.settings import Settings
 from relay.spool import Spool, SpoolStore
+from relay.tail import DEFAULT_KEY, tail
 
 log = structlog.get_logger()
 
@@ -210,6 +212,42 @@ async def drain_spool(settings: Settings, directory: Path, give_up_after: float)
     return 0 if left == 0 else 1
 
 
+def cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = _settings(env, require_apps=False)
+    if settings is None:
+        return 1
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(
+            tail(settings, sys.stdout, key=args.key, as_json=args.json, count=args.count, give_up_after=args.timeout)
+        )
+
+
+def cmd_correlation(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Privacy tooling for the shared (Redis) correlation store."""
+    settings = _settings(env, require_apps=False)
+    if settings is None:
+        return 1
+    if not settings.redis_url:
+        print(
+            "correlation purge: RELAY_REDIS_URL is not set; the embedded store lives in the relay's memory "
+            "and is emptied by restarting the relay",
+            file=sys.stderr,
+        )
+        return 1
+    url = settings.redis_url
+
+    async def purge() -> int:
+        store = RedisStore(url, settings.correlation_ttl, Metrics(CollectorRegistry()))
+        try:
+            return await store.purge_sender(args.user)
+        finally:
+            await store.close()
+
+    deleted = asyncio.run(purge())
+    print(f"correlation purge: deleted {deleted} send records of sender {args.user!r}")
+    return 0
+
+
 async def _post(url: str, body: bytes) -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as session,
@@ -239,6 +277,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     spool.add_argument("--dir", help="spool directory (default: RELAY_SPOOL_DIR)")
     spool.add_argument("--timeout", type=float, default=300.0, help="drain: give up after this many seconds")
     spool.set_defaults(func=cmd_spool)
+    correlation = sub.add_parser("correlation", help="privacy tooling for the Redis correlation store")
+    correlation.add_argument("action", choices=["purge"], help="purge: delete every send record of one sender")
+    correlation.add_argument("--user", required=True, help="the sender's UserID")
+    correlation.set_defaults(func=cmd_correlation)
+    tail_ = sub.add_parser("tail", help="print events from the exchange live (a private, auto-deleted queue)")
+    tail_.add_argument("--key", default=DEFAULT_KEY, help=f"binding key pattern (default: {DEFAULT_KEY})")
+    tail_.add_argument("--json", action="store_true", help="JSON lines: routingKey, messageID and the event")
+    tail_.add_argument("--count", type=int, help="exit 0 after this many events")
+    tail_.add_argument("--timeout", type=float, help="exit after this many seconds (1 if --count was not reached)")
+    tail_.set_defaults(func=cmd_tail)
     args = parser.parse_args(argv)
     result: int = args.func(args, os.environ if env is None else env)
     return result
