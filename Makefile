@@ -14,7 +14,7 @@ run sample: export RELAY_QUEUES ?= moderation.revocations,audit.revocations
 run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 
-.PHONY: run sample test lint typecheck ops pytest faults broker clean
+.PHONY: run sample test lint typecheck ops pytest faults bench broker clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: lint typecheck ops pytest
 # Manifests, Dockerfile, alert rules, dashboard, live /metrics (installs promtool, checkov, ...).
 ops: $(STAMP)
 	./scripts/check-ops.sh
+
+# The performance benchmark (A: bare HTTP, B: broker ceiling, R: relay, S: spool path) → bench/results/.
+bench: $(STAMP)
+	./bench/ensure-tools.sh
+	$(BIN)/python -m bench.run
 
 # The fault scenarios at full length (30 s outages) with the results table.
 faults: $(STAMP)

@@ -77,6 +77,9 @@ class MemoryStore:
         self._metrics.correlation_writes.inc(len(records))
 
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.get_many(keys)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         now = self._clock()
         out: list[bytes | None] = []
         for key in keys:
@@ -211,8 +214,11 @@ class Enricher:
             return self._mark(events, "error")
         keys = [correlation_key(e.sdk_app_id, e.conversation.type, e.server_key) for e in events]
         try:
-            async with asyncio.timeout(self._budget):
-                found = await self.store.lookup(keys)
+            if isinstance(self.store, MemoryStore):
+                found = self.store.get_many(keys)  # in-process: nothing to wait for
+            else:
+                async with asyncio.timeout(self._budget):
+                    found = await self.store.lookup(keys)
         except Exception:  # noqa: BLE001 - timeout or store failure: publish unenriched
             self._open_until = time.monotonic() + _BREAKER_SECONDS
             return self._mark(events, "error")

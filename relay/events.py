@@ -6,6 +6,7 @@ need, so a spooled event is republished with exactly the bytes and properties of
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,15 +32,30 @@ def event_id(sdk_app_id: str, conversation_type: ConversationType, server_key: s
     """Deterministic eventID: a redelivered callback yields the same ID, distinct messages never share one.
 
     The name is ``<SdkAppid>/<conversation type>/<server key>``; SdkAppid is digits and the type a
-    fixed word, so only the last part can hold a ``/`` and the name stays unambiguous.
+    fixed word, so only the last part can hold a ``/`` and the name stays unambiguous. This is
+    ``uuid.uuid5(EVENT_ID_NAMESPACE, name)`` computed without building UUID objects (hot path).
     """
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{sdk_app_id}/{conversation_type}/{server_key}"))
+    name = f"{sdk_app_id}/{conversation_type}/{server_key}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
+_second_cache: tuple[int, str] = (-1, "")
 
 
 def rfc3339_ms(epoch_ms: int) -> str:
     """Format milliseconds since the epoch as RFC 3339 UTC with exactly three fractional digits."""
+    global _second_cache
     seconds, millis = divmod(epoch_ms, 1000)
-    return f"{datetime.fromtimestamp(seconds, tz=UTC):%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+    cached_second, prefix = _second_cache
+    if cached_second != seconds:
+        prefix = f"{datetime.fromtimestamp(seconds, tz=UTC):%Y-%m-%dT%H:%M:%S}"
+        _second_cache = (seconds, prefix)
+    return f"{prefix}.{millis:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)

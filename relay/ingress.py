@@ -183,7 +183,8 @@ class CallbackHandler:
             )
             return fail_response(first.code), command, "partial"
 
-        log.info("relay.callback_accepted", command=command, event_ids=event_ids, spooled=spooled)
+        # debug: one line per callback is too costly at full rate; metrics count them, relay tail shows them.
+        log.debug("relay.callback_accepted", command=command, event_ids=event_ids, spooled=spooled)
         return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
 
     def _records(self, command: str) -> bool:
@@ -213,6 +214,9 @@ class CallbackHandler:
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise Rejection(Reject.BODY_TOO_LARGE, f"Content-Length {request.content_length} > {limit}")
+        if request.content.is_eof() and request.content_length is not None:
+            # The whole (small) body arrived with the headers: no waiting, so no deadline needed.
+            return await request.content.read()
         chunks: list[bytes] = []
         size = 0
         try:

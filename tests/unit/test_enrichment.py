@@ -232,13 +232,23 @@ async def test_entries_expire_after_the_ttl() -> None:
 async def test_slow_store_is_an_error_within_the_budget() -> None:
     """A store slower than the budget yields enrichment=error quickly, then the breaker skips lookups."""
 
-    class Slow(MemoryStore):
+    class Slow:
+        """A remote store that hangs (e.g. an overloaded Redis)."""
+
+        name = "slow"
+
+        async def start(self) -> None: ...
+
+        async def close(self) -> None: ...
+
+        def submit(self, records: Sequence[SendRecord]) -> None: ...
+
         async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
             await asyncio.sleep(5)
             return [None for _ in keys]
 
     metrics = Metrics(CollectorRegistry())
-    e = Enricher(Slow(60, 10, metrics), metrics, budget=0.05, evidence=False)
+    e = Enricher(Slow(), metrics, budget=0.05, evidence=False)
     loop = asyncio.get_running_loop()
     started = loop.time()
     (event,) = await e.enrich(recalls(c2c_recall()))

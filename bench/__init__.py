@@ -1,0 +1,1 @@
+"""Benchmarks of revoke-relay: `python -m bench.run` (see bench/README.md)."""
