@@ -64,6 +64,37 @@ def _shortstr(value: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
+class PropertiesTemplate:
+    """Content-header properties for the relay's fixed shape, with every constant part encoded once:
+    per message only message_id, timestamp and the header values are encoded."""
+
+    def __init__(
+        self, *, content_type: str, delivery_mode: int, type: str, app_id: str, header_keys: tuple[str, ...]
+    ) -> None:
+        self._prefix = _PROPERTY_FLAGS.to_bytes(2, "big") + _shortstr(content_type)
+        self._keys = tuple(_shortstr(key) + b"S" for key in header_keys)
+        self._mode = bytes((delivery_mode,))
+        self._suffix = _shortstr(type) + _shortstr(app_id)
+
+    def encode(self, message_id: str, timestamp: int, header_values: tuple[str, ...]) -> bytes:
+        parts: list[bytes] = []
+        for key, value in zip(self._keys, header_values, strict=True):
+            raw = value.encode()
+            parts += (key, len(raw).to_bytes(4, "big"), raw)
+        table = b"".join(parts)
+        return b"".join(
+            (
+                self._prefix,
+                len(table).to_bytes(4, "big"),
+                table,
+                self._mode,
+                _shortstr(message_id),
+                timestamp.to_bytes(8, "big"),
+                self._suffix,
+            )
+        )
+
+
 def encode_properties(
     *,
     content_type: str,
@@ -75,22 +106,10 @@ def encode_properties(
     app_id: str,
 ) -> bytes:
     """Property flags and list of a content header, for the properties the relay sets."""
-    table = b"".join(
-        _shortstr(key) + b"S" + len(raw := value.encode()).to_bytes(4, "big") + raw for key, value in headers.items()
+    template = PropertiesTemplate(
+        content_type=content_type, delivery_mode=delivery_mode, type=type, app_id=app_id, header_keys=tuple(headers)
     )
-    return b"".join(
-        (
-            _PROPERTY_FLAGS.to_bytes(2, "big"),
-            _shortstr(content_type),
-            len(table).to_bytes(4, "big"),
-            table,
-            bytes((delivery_mode,)),
-            _shortstr(message_id),
-            timestamp.to_bytes(8, "big"),
-            _shortstr(type),
-            _shortstr(app_id),
-        )
-    )
+    return template.encode(message_id, timestamp, tuple(headers.values()))
 
 
 def _frame(kind: int, payload: bytes) -> bytes:

@@ -232,12 +232,12 @@ class Enricher:
             except ValueError:
                 enriched.append(self._mark([event], "error")[0])
                 continue
-            self._metrics.correlation_lookups.labels("hit").inc()
+            self._metrics.child(self._metrics.correlation_lookups, "hit").inc()
             enriched.append(apply(event, record, evidence=self._evidence))
         return enriched
 
     def _mark(self, events: Sequence[RevokeEvent], result: str) -> list[RevokeEvent]:
-        self._metrics.correlation_lookups.labels(result).inc(len(events))
+        self._metrics.child(self._metrics.correlation_lookups, result).inc(len(events))
         return [replace(e, enrichment=result) for e in events]  # type: ignore[arg-type]
 
 

@@ -79,7 +79,7 @@ class Dispatcher:
         first: PublishFailed | None = None
         for envelope, result in zip(envelopes, results, strict=True):
             if result is None:
-                self._metrics.events_published.labels(envelope.conversation_type).inc()
+                self._metrics.child(self._metrics.events_published, envelope.conversation_type).inc()
                 continue
             failed.append(envelope)
             if first is None:

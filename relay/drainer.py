@@ -69,7 +69,7 @@ class Drainer:
             await self.spool.delete(confirmed)
             self._metrics.events_drained.inc(len(confirmed))
             for event in confirmed:
-                self._metrics.events_published.labels(event.envelope.conversation_type).inc()
+                self._metrics.child(self._metrics.events_published, event.envelope.conversation_type).inc()
         if failures:
             log.warning(
                 "relay.drain_failed",

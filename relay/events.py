@@ -111,8 +111,8 @@ class RevokeEvent:
     def routing_key(self) -> str:
         return f"{EVENT_TYPE}.{self.conversation.type}"
 
-    def to_dict(self) -> dict[str, object]:
-        """The JSON body, camelCase in the IM SDK's vocabulary."""
+    def to_dict(self, event_time: str | None = None) -> dict[str, object]:
+        """The JSON body, camelCase in the IM SDK's vocabulary (*event_time*: already formatted)."""
         c = self.conversation
         return {
             "version": EVENT_VERSION,
@@ -137,7 +137,7 @@ class RevokeEvent:
             "callbackCommand": self.callback_command,
             "platform": self.platform,
             "clientIP": self.client_ip,
-            "eventTime": rfc3339_ms(self.event_time_ms),
+            "eventTime": event_time or rfc3339_ms(self.event_time_ms),
             "receivedAt": rfc3339_ms(self.received_at_ms),
             "enrichment": self.enrichment,
             "sentAt": None if self.sent_at_ms is None else rfc3339_ms(self.sent_at_ms),
@@ -149,7 +149,7 @@ class RevokeEvent:
         return Envelope(
             event_id=self.event_id,
             routing_key=self.routing_key,
-            body=orjson.dumps(self.to_dict()),
+            body=orjson.dumps(self.to_dict(event_time)),
             timestamp=self.received_at_ms // 1000,
             source=f"tencent-im/{self.sdk_app_id}",
             subject=self.msg_id,
@@ -177,11 +177,18 @@ class Envelope:
 
     def headers(self) -> dict[str, str]:
         """CloudEvents AMQP binding, binary mode, ``cloudEvents_`` prefix (spec-preferred over ``:``)."""
-        return {
-            "cloudEvents_specversion": "1.0",
-            "cloudEvents_id": self.event_id,
-            "cloudEvents_source": self.source,
-            "cloudEvents_type": CLOUDEVENTS_TYPE,
-            "cloudEvents_subject": self.subject,
-            "cloudEvents_time": self.time,
-        }
+        return dict(zip(CLOUDEVENTS_HEADERS, self.header_values(), strict=True))
+
+    def header_values(self) -> tuple[str, ...]:
+        """The values of :data:`CLOUDEVENTS_HEADERS`, in that order."""
+        return ("1.0", self.event_id, self.source, CLOUDEVENTS_TYPE, self.subject, self.time)
+
+
+CLOUDEVENTS_HEADERS = (
+    "cloudEvents_specversion",
+    "cloudEvents_id",
+    "cloudEvents_source",
+    "cloudEvents_type",
+    "cloudEvents_subject",
+    "cloudEvents_time",
+)

@@ -93,8 +93,8 @@ class CallbackHandler:
             outcome = "unavailable" if rejection.status == 503 else "rejected"
         finally:
             self.in_flight -= 1
-        self.metrics.callbacks.labels(command_label(command), outcome).inc()
-        self.metrics.request_seconds.labels(outcome).observe(time.perf_counter() - started)
+        self.metrics.child(self.metrics.callbacks, command_label(command), outcome).inc()
+        self.metrics.child(self.metrics.request_seconds, outcome).observe(time.perf_counter() - started)
         return response
 
     def _overloaded(self, request: web.Request, started: float) -> web.Response:

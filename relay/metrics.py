@@ -6,7 +6,7 @@ The registry is passed in so each test gets a fresh one.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -46,6 +46,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.callbacks = Counter(
             "relay_callbacks_total",
             "Callbacks received, by command (known commands or 'other') and outcome.",
@@ -219,6 +220,15 @@ class Metrics:
         self.spool_capacity_bytes.set(spool.max_bytes)
         self.spool_oldest_age.set_function(spool.oldest_age)
         self.spool_available.set_function(lambda: int(spool.available))
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the hot path pays a dict lookup instead of prometheus_client's
+        validation and lock (~0.1 µs against ~1.4 µs). Labels are bounded, so the cache is too."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def anomaly(self, field: str) -> None:
         self.anomalies.labels(field if field in ANOMALY_FIELDS else "other").inc()

@@ -23,7 +23,7 @@ from yarl import URL
 
 from relay import amqp
 from relay.errors import PublishFailed
-from relay.events import APP_ID, EVENT_TYPE, Envelope
+from relay.events import APP_ID, CLOUDEVENTS_HEADERS, EVENT_TYPE, Envelope
 from relay.metrics import Metrics
 
 log = structlog.get_logger()
@@ -32,6 +32,13 @@ BINDING_KEY = f"{EVENT_TYPE}.#"
 # Hung-broker detection takes two heartbeats; 5 s keeps it near the publish timeout.
 DEFAULT_HEARTBEAT = 5
 _CONNECT_TIMEOUT = 10.0
+_PROPERTIES = amqp.PropertiesTemplate(
+    content_type="application/json",
+    delivery_mode=2,  # persistent
+    type=EVENT_TYPE,
+    app_id=APP_ID,
+    header_keys=CLOUDEVENTS_HEADERS,
+)
 
 
 class Publisher(Protocol):
@@ -218,15 +225,7 @@ class AmqpPublisher:
         if connection.blocked:
             # Publishing now would sit in the socket buffer until the alarm clears; fail fast.
             raise self._failed("blocked", "broker resource alarm")
-        properties = amqp.encode_properties(
-            content_type="application/json",
-            headers=envelope.headers(),
-            delivery_mode=2,  # persistent
-            message_id=envelope.event_id,
-            timestamp=envelope.timestamp,
-            type=EVENT_TYPE,
-            app_id=APP_ID,
-        )
+        properties = _PROPERTIES.encode(envelope.event_id, envelope.timestamp, envelope.header_values())
         started = time.perf_counter()
         try:
             await connection.publish(self._exchange, envelope.routing_key, envelope.body, properties, envelope.event_id)
@@ -244,7 +243,7 @@ class AmqpPublisher:
             raise
         self._last_confirm = time.monotonic()
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
-        self._metrics.publishes.labels("confirmed").inc()
+        self._metrics.child(self._metrics.publishes, "confirmed").inc()
 
     def _maybe_recycle(self) -> None:
         """A connection that stays open but has confirmed nothing for two publish timeouts is not
