@@ -26,6 +26,7 @@ from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
 from relay.spool import Spool
+from relay.workers import merged_metrics
 
 CALLBACK_PATH = "/tencent-im/callback"
 log = structlog.get_logger()
@@ -45,6 +46,7 @@ SPOOL = web.AppKey("spool", Spool)
 DRAINER = web.AppKey("drainer", Drainer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 ENRICHER = web.AppKey("enricher", Enricher)
+WORKER = web.AppKey("worker", tuple)  # (index, count) under relay serve --workers, else ()
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 
@@ -54,6 +56,7 @@ def create_app(
     publisher: Publisher | None = None,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
+    worker: tuple[int, int] | None = None,
 ) -> web.Application:
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     if publisher is None:
@@ -96,6 +99,7 @@ def create_app(
     app[DISPATCHER] = dispatcher
     app[ENRICHER] = enricher
     app[LIFECYCLE] = Lifecycle()
+    app[WORKER] = worker or ()
     app.router.add_post(CALLBACK_PATH, handler.handle)
     metrics.requests_in_flight.set_function(lambda: handler.in_flight)
     app.router.add_get("/healthz", healthz)
@@ -124,6 +128,19 @@ async def _correlation_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if store is not None:
         await store.close()
+
+
+def local_metrics_app(metrics: Metrics) -> web.Application:
+    """The worker's own metrics, unmerged, for its peers (served on a unix socket)."""
+
+    async def own(_: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.content_type = "text/plain"
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", own)
+    return app
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
@@ -199,6 +216,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
+    worker = request.app[WORKER]
+    if worker and worker[1] > 1:
+        body = await merged_metrics(body, worker[0], worker[1], request.app[SETTINGS].port)
     response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     response.charset = "utf-8"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -20,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
-from relay.app import LIFECYCLE, METRICS, create_app, make_runner
+from relay.app import LIFECYCLE, METRICS, create_app, local_metrics_app, make_runner
 from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
@@ -30,6 +31,7 @@ from relay.samples import KINDS, callback_query, encode, sample_body
 from relay.settings import Settings
 from relay.spool import Spool, SpoolStore
 from relay.tail import DEFAULT_KEY, tail
+from relay.workers import socket_path, supervise, worker_slot
 
 log = structlog.get_logger()
 
@@ -52,16 +54,29 @@ def cmd_check_config(_: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-def cmd_serve(_: argparse.Namespace, env: Mapping[str, str]) -> int:
+def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(env)
     if settings is None:
         return 1
     relay_log.configure(settings.log_level, settings.log_format)
+    count = args.workers or settings.workers
+    slot = worker_slot(dict(env))
+    if slot is None and count > 1:
+        if settings.enrichment and not settings.redis_url:
+            log.warning(
+                "relay.workers_without_shared_store",
+                detail="each worker has its own embedded correlation store; set RELAY_REDIS_URL",
+            )
+        return supervise(count, ["serve"])
+    if slot is not None:
+        # One spool per worker: the spool lock allows a single process per directory.
+        settings = dataclasses.replace(settings, spool_dir=settings.spool_dir / f"worker-{slot[0]}")
+        structlog.contextvars.bind_contextvars(worker=slot[0])
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(settings))
+        return runner.run(serve(settings, slot))
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then shut down in the order Kubernetes needs.
 
     1. readiness turns 503 at once, intake continues for ``RELAY_SHUTDOWN_DELAY`` seconds while
@@ -69,11 +84,19 @@ async def serve(settings: Settings) -> int:
     2. the listener closes, in-flight requests finish;
     3. cleanup contexts run in reverse: publisher closes its connection.
     """
-    app = create_app(settings)
+    app = create_app(settings, worker=worker)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    # SO_REUSEPORT under --workers: every worker binds the port, the kernel spreads connections.
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None)
     await site.start()
+    local: web.AppRunner | None = None
+    if worker is not None:
+        path = socket_path(settings.port, worker[0])
+        path.unlink(missing_ok=True)
+        local = web.AppRunner(local_metrics_app(app[METRICS]), access_log=None, handle_signals=False)
+        await local.setup()
+        await web.UnixSite(local, str(path)).start()
     log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)
 
     stop = asyncio.Event()
@@ -86,6 +109,8 @@ async def serve(settings: Settings) -> int:
     log.info("relay.draining", delay=settings.shutdown_delay)
     await asyncio.sleep(settings.shutdown_delay)
     await runner.cleanup()
+    if local is not None:
+        await local.cleanup()
     metrics = app[METRICS]
     accepted = sum(
         s.value
@@ -259,7 +284,9 @@ async def _post(url: str, body: bytes) -> tuple[int, str]:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay", description="Tencent IM recall callbacks to RabbitMQ.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the relay").set_defaults(func=cmd_serve)
+    serve_ = sub.add_parser("serve", help="run the relay")
+    serve_.add_argument("--workers", type=int, help="processes sharing the port (default: RELAY_WORKERS or 1)")
+    serve_.set_defaults(func=cmd_serve)
     sub.add_parser("check-config", help="validate the RELAY_* environment").set_defaults(func=cmd_check_config)
     sample = sub.add_parser("send-sample", help="post a signed sample recall callback to a running relay")
     sample.add_argument("--kind", choices=sorted(KINDS), default="c2c")

@@ -70,6 +70,7 @@ class Settings:
     correlation_max_entries: int = 100_000
     evidence: bool = False
     evidence_max_bytes: int = 4096
+    workers: int = 1
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -181,6 +182,7 @@ class Settings:
         number("RELAY_CORRELATION_TTL", "correlation_ttl", int, 1, 366 * 24 * 3600)
         number("RELAY_CORRELATION_MAX_ENTRIES", "correlation_max_entries", int, 1, 100_000_000)
         number("RELAY_EVIDENCE_MAX_BYTES", "evidence_max_bytes", int, 64, 1024 * 1024)
+        number("RELAY_WORKERS", "workers", int, 1, 64)
         for name, key in (("RELAY_ENRICHMENT", "enrichment"), ("RELAY_EVIDENCE", "evidence")):
             raw = get(name)
             if raw is None:
