@@ -15,6 +15,7 @@ from typing import Any
 
 from relay.callback import C2C_RECALL
 from relay.samples import callback_query, encode, sample_body
+from relay.sends import C2C_SEND
 
 LUA = Path(__file__).parent / "wrk" / "callback.lua"
 CALLBACK_PATH = "/tencent-im/callback"
@@ -33,9 +34,20 @@ def wrk_version() -> str:
     return first.split(" Copyright")[0].strip()
 
 
-def body_template() -> str:
-    """A C2C recall body from relay.samples with placeholders for the MsgKey and EventTime."""
+def body_template(command: str = C2C_RECALL) -> str:
+    """A C2C recall (or, for C2C_SEND, an after-send) body with placeholders for MsgKey and EventTime."""
     body = sample_body("c2c", n=1)
+    if command == C2C_SEND:
+        body.update(
+            CallbackCommand=C2C_SEND,
+            MsgSeq=48374,
+            MsgRandom=2837546,
+            MsgTime=1767225540,
+            MsgId="144115212345678901-1767225540-2837546",
+            SendMsgResult=0,
+            MsgBody=[{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hello there"}}],
+            CloudCustomData="",
+        )
     body["MsgKey"] = "@@KEY@@"
     body["EventTime"] = 999_999_999_999_999
     text = encode(body).decode()
@@ -49,6 +61,7 @@ class Target:
     port: int
     app: str
     token: str | None
+    command: str = C2C_RECALL
 
 
 def write_paths(target: Target, seconds: float, directory: Path) -> Path:
@@ -57,10 +70,10 @@ def write_paths(target: Target, seconds: float, directory: Path) -> Path:
     now = int(time.time())
     lines = []
     if target.token is None:
-        lines.append(f"0\t{CALLBACK_PATH}?{callback_query(C2C_RECALL, target.app)}")
+        lines.append(f"0\t{CALLBACK_PATH}?{callback_query(target.command, target.app)}")
     else:
         for second in range(now - 2, now + int(seconds) + 30):
-            query = callback_query(C2C_RECALL, target.app, target.token, request_time=second)
+            query = callback_query(target.command, target.app, target.token, request_time=second)
             lines.append(f"{second}\t{CALLBACK_PATH}?{query}")
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -83,7 +96,7 @@ def run_wrk(
         env = {
             **os.environ,
             "BENCH_PATH_FILE": str(paths),
-            "BENCH_BODY": body_template(),
+            "BENCH_BODY": body_template(target.command),
             "BENCH_RUN": f"{random.randrange(10**6):06d}",
         }
         args = [

@@ -156,6 +156,9 @@ def markdown(result: dict[str, Any]) -> str:
         out += _http_section(
             result.get("RW"), ["200s", "queued", "queue ≥ 200s"], ["ok", "queued", "queue_check"], server="relay tree"
         )
+    if "W" in result:
+        out += ["", "## W — after-send callbacks recorded for enrichment: embedded store vs Redis", ""]
+        out += _sends_section(result.get("W"))
     out += ["", "## What else used the CPU", ""]
     out += _cpu_section(result)
     failures, errors = result.get("checks_failed", []), result.get("errors", [])
@@ -165,6 +168,38 @@ def markdown(result: dict[str, Any]) -> str:
     out += [f"- check failed: {f}" for f in failures] + [f"- harness error in {e}" for e in errors]
     out.append("")
     return "\n".join(out)
+
+
+def _sends_section(section: dict[str, Any] | None) -> list[str]:
+    problem = _section_problem(section)
+    if problem or section is None:
+        return [problem or "not run"]
+    rows = [
+        [
+            r["store"],
+            r["connections"],
+            _fmt(r["ok_rps"]),
+            _fmt(r["latency_ms"].get("p50"), 2),
+            _fmt(r["latency_ms"].get("p99"), 2),
+            _fmt(r["server_cpu_us_per_req"]),
+            _fmt(r["rss_mib_max"]),
+            r["records_written"],
+            r["records_dropped"],
+        ]
+        for r in section["rows"]
+    ]
+    header = [
+        "store",
+        "connections",
+        "200/s",
+        "p50 ms",
+        "p99 ms",
+        "relay CPU µs/req",
+        "RSS MiB max",
+        "records written",
+        "dropped",
+    ]
+    return _table(header, rows)
 
 
 def _lookup(result: dict[str, Any], key: str, connections: int) -> str:
@@ -230,11 +265,13 @@ def _broker_section(section: dict[str, Any] | None) -> list[str]:
 
 def _cpu_section(result: dict[str, Any]) -> list[str]:
     rows = []
-    for key in ("A", "B", "R", "S", "RW"):
+    for key in ("A", "B", "R", "S", "RW", "W"):
         section = result.get(key) or {}
         for r in section.get("rows", []):
             cpu = r.get("cpu") or {}
             name = f"{key} c={r['connections']}" if "connections" in r else f"{key} {r['variant']}/{r['window']}"
+            if "store" in r:
+                name = f"{key} {r['store']} c={r['connections']}"
             top = ", ".join(f"{t['comm']} {t['cpu_s']:.2f}s" for t in cpu.get("top_others", [])[:3])
             used = ", ".join(f"{k} {val:.2f}s" for k, val in cpu.get("cpu_s", {}).items())
             rows.append(

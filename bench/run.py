@@ -43,11 +43,14 @@ from bench import procstat
 from bench.load import Target, run_wrk, wrk_path, wrk_version
 from bench.report import markdown
 from bench.services import BareHttp, Relay, Service, amqp_url, rabbitmq_version, relay_supports_workers
+from relay.callback import C2C_RECALL
+from relay.sends import C2C_SEND
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "1400000001"
 TOKEN = "bench-callback-token"  # the relay verifies Sign = sha256(token + RequestTime) on every callback
-MEASUREMENTS = ("A", "B", "R", "S", "RW")
+MEASUREMENTS = ("A", "B", "R", "S", "RW", "W")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @dataclass
@@ -85,9 +88,11 @@ class Context:
 # -- one HTTP load run against a started service -----------------------------------------------------
 
 
-def http_run(cfg: Config, ctx: Context, service: Service, connections: int) -> dict[str, Any]:
+def http_run(
+    cfg: Config, ctx: Context, service: Service, connections: int, command: str = C2C_RECALL
+) -> dict[str, Any]:
     """Warm up, then one measured wrk run: latency, throughput, CPU per request, RSS."""
-    target = Target(service.port, APP, TOKEN if cfg.signed else None)
+    target = Target(service.port, APP, TOKEN if cfg.signed else None, command)
     if cfg.warmup > 0:
         run_wrk(target, connections, cfg.warmup, threads=cfg.threads)
     pre = pre_window(service)
@@ -247,6 +252,32 @@ def measure_relay_workers(cfg: Config, ctx: Context) -> dict[str, Any]:
     return measure_relay(cfg, ctx, workers=cfg.workers, label="RW")
 
 
+def measure_sends(cfg: Config, ctx: Context) -> dict[str, Any]:
+    """W: after-send callbacks (the enrichment hot path), embedded store vs Redis, same load."""
+    rows = []
+    for store, env in (("embedded", {}), ("redis", {"RELAY_REDIS_URL": REDIS_URL})):
+        for connections in cfg.connections:
+            with Relay(APP, TOKEN if cfg.signed else None, src=cfg.relay_src, extra_env=env) as relay:
+                row = http_run(cfg, ctx, relay, connections, command=C2C_SEND)
+                row.pop("_queued_before", None)
+                before = row.pop("_metrics_before")
+                relay.wait_idle()
+                deadline = time.monotonic() + 10  # Redis writes are batched in the background
+                while True:
+                    after = relay.metrics()
+                    written = int(after["correlation_writes"] - before["correlation_writes"])
+                    if written >= row["ok"] or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                row["store"] = store
+                row["records_written"] = written
+                row["records_dropped"] = int(after["correlation_dropped"] - before["correlation_dropped"])
+                ctx.check(written >= row["ok"], f"W {store} c={connections}: {written} records for {row['ok']} 200s")
+            rows.append(row)
+            progress(f"W {store}", row)
+    return {"what": "C2C.CallbackAfterSendMsg callbacks recorded for enrichment", "rows": rows}
+
+
 # -- orchestration -----------------------------------------------------------------------------------
 
 
@@ -390,6 +421,8 @@ def run(cfg: Config) -> int:
     ]
     if cfg.workers > 1:
         steps.append(("RW", measure_relay_workers))
+    if "W" in cfg.only:
+        steps.append(("W", measure_sends))
     errors = []
     for key, step in steps:
         if key not in cfg.only:
@@ -452,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--no-verify-ids", action="store_true", help="skip reading R's queue back to check every eventID is distinct"
     )
-    parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run (A,B,R,S,RW)")
+    parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run (A,B,R,S,RW,W)")
     parser.add_argument(
         "--relay-rev",
         default=None,

@@ -174,9 +174,17 @@ class Relay(Service):
     name = "relay"
 
     def __init__(
-        self, app: str, token: str | None, *, spool_only: bool = False, workers: int = 1, src: Path = ROOT
+        self,
+        app: str,
+        token: str | None,
+        *,
+        spool_only: bool = False,
+        workers: int = 1,
+        src: Path = ROOT,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.extra_env = extra_env or {}
         self.cwd = src  # the source tree whose relay/ package runs (the working tree, or an exported revision)
         tag = uuid.uuid4().hex[:10]
         self.app = app
@@ -210,6 +218,7 @@ class Relay(Service):
         )
         if self.token is not None:
             env["RELAY_CALLBACK_TOKENS"] = f"{self.app}={self.token}"
+        env.update(self.extra_env)
         return env
 
     def is_ready(self, status: int, body: str) -> bool:
@@ -254,6 +263,8 @@ def parse_metrics(text: str) -> dict[str, float]:
         "relay_publish_failures_total": "publish_failures",
         "relay_requests_in_flight": "in_flight",
         "relay_spool_events": "spool_events",
+        "relay_correlation_writes_total": "correlation_writes",
+        "relay_correlation_dropped_total": "correlation_dropped",
     }
     out: dict[str, float] = dict.fromkeys(wanted.values(), 0.0)
     out["accepted"] = 0.0

@@ -112,6 +112,9 @@ class SpoolStore:
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: the WAL is fsync'd at every commit, so a commit that returned survives power loss.
             db.execute("PRAGMA synchronous=FULL")
+            # Checkpoints run on a connection of their own (Spool._checkpointer), never inside a
+            # callback's commit: a checkpoint fsyncs the database file and would stall that batch.
+            db.execute("PRAGMA wal_autocheckpoint=0")
             db.execute(_SCHEMA)
             page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
             # Backstop against unbounded growth: the database may not exceed twice the budget.
@@ -278,6 +281,8 @@ class Spool:
         self.last_error: str | None = None
         self._last_open_attempt = 0.0
         self.nonempty = asyncio.Event()  # set by put(); cleared by the drainer when it finds the spool empty
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -297,6 +302,9 @@ class Spool:
             return
         self.available = True
         self.last_error = None
+        if self._checkpointer is None:
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spool-checkpoint", daemon=True)
+            self._checkpointer.start()
         if self.store.events:
             self.nonempty.set()
         log.info("relay.spool_opened", path=str(self.store.path), events=self.store.events, bytes=self.store.bytes)
@@ -315,6 +323,10 @@ class Spool:
     async def close(self) -> None:
         if self._thread is None:
             return
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
         self._ops.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -400,6 +412,23 @@ class Spool:
         self._ops.put(make(future))
         return await future
 
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database once a second, on a connection of its own (PASSIVE:
+        never blocks the writer), so commits carry only their own fsync and the WAL stays small."""
+        try:
+            db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.error("relay.spool_checkpoint_failed", error=repr(exc)[:300])
+            return
+        try:
+            while not self._stop_checkpoints.wait(1.0):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("relay.spool_checkpoint_failed", error=repr(exc)[:300])
+        finally:
+            db.close()
+
     def _writer(self) -> None:
         """Run operations in arrival order; all writes waiting at one time share a transaction (one fsync)."""
         while True:
@@ -429,13 +458,21 @@ class Spool:
             self._loop.call_soon_threadsafe(_resolve, results)
             if stop:
                 break
+        with contextlib.suppress(sqlite3.Error, SpoolError):
+            self.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a compact database behind
         self.store.close()
         self._lock.release()
 
     def _commit_writes(self, writes: list[_Op], results: list[_Result]) -> None:
-        """One transaction for all *writes*; each runs under a savepoint so one failure spares the others."""
+        """One transaction (one fsync) for all *writes*. Normally without savepoints; if one write
+        fails, the batch is rolled back and redone with a savepoint per write, so one failure
+        spares the others."""
         if not writes:
             return
+        if not self._commit(writes, results, isolate=False):
+            self._commit(writes, results, isolate=True)
+
+    def _commit(self, writes: list[_Op], results: list[_Result], *, isolate: bool) -> bool:
         staged: list[tuple[_Op, Any, Callable[[], None]]] = []
         failed: list[_Result] = []
         try:
@@ -443,15 +480,20 @@ class Spool:
             db.execute("BEGIN IMMEDIATE")
             for op in writes:
                 assert op.write is not None
-                db.execute("SAVEPOINT op")
+                if isolate:
+                    db.execute("SAVEPOINT op")
                 try:
                     value, effect = op.write(db)
                 except sqlite3.Error as exc:
+                    if not isolate:
+                        db.execute("ROLLBACK")
+                        return False  # redo with savepoints
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
                     failed.append((op.future, None, exc))
                     continue
-                db.execute("RELEASE op")
+                if isolate:
+                    db.execute("RELEASE op")
                 staged.append((op, value, effect))
             db.execute("COMMIT")  # with synchronous=FULL this is the fsync
             self.store.commits += 1
@@ -460,11 +502,12 @@ class Spool:
                 self.store.db.execute("ROLLBACK")
             # Nothing of this batch is on disk: every write fails with the reason.
             results.extend((op.future, None, exc) for op in writes)
-            return
+            return True
         results.extend(failed)
         for op, value, effect in staged:
             effect()
             results.append((op.future, value, None))
+        return True
 
 
 _Result = tuple["asyncio.Future[Any]", Any, BaseException | None]

@@ -133,3 +133,28 @@ async def test_store_reads_while_relay_holds_the_spool(spool: Spool) -> None:
         assert 2 == len(list(store.iterate()))
     finally:
         store.close()
+
+
+async def test_a_failing_write_spares_the_rest_of_its_batch(spool: Spool) -> None:
+    """When one write of a group commit fails, the batch is redone write by write: the others commit."""
+    import sqlite3
+
+    first, second = envelopes(2)
+    results = await asyncio.gather(
+        spool.put([first]),
+        spool._write(lambda db: (db.execute("INSERT INTO no_such_table VALUES (1)"), lambda: None)),
+        spool.put([second]),
+        return_exceptions=True,
+    )
+    assert [None, sqlite3.OperationalError, None] == [r if r is None else type(r) for r in results]
+    assert [first, second] == [e.envelope for e in await spool.oldest(10)]
+
+
+async def test_close_leaves_no_write_ahead_log_behind(tmp_path: Path) -> None:
+    """Closing checkpoints the WAL into the database: the -wal file is empty or gone."""
+    spool = Spool(tmp_path, 16 * 1024 * 1024)
+    await spool.open()
+    await spool.put(envelopes(50))
+    await spool.close()
+    wal = tmp_path / "spool.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
