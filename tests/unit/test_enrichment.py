@@ -265,3 +265,21 @@ async def test_memory_store_is_bounded() -> None:
     store.submit([SendRecord(f"k{i}", None, "u", None) for i in range(5)])
     assert 3 == len(store)
     assert [None, None, b'{"m":null,"s":"u","t":null}'] == await store.lookup(["k0", "k1", "k4"])
+
+
+def test_memory_store_holds_records_compactly() -> None:
+    """10,000 records cost well under 500 bytes each (orjson's oversized buffers are not kept)."""
+    import tracemalloc
+
+    store = MemoryStore(60, 20_000, Metrics(CollectorRegistry()))
+    records = [
+        SendRecord(f"{APP}/c2c/{i}_1_1767225540", f"1441152123-{i}", "u_alice", 1767225540000) for i in range(10_000)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store.submit(records)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert used / 10_000 < 500, used / 10_000
