@@ -125,7 +125,7 @@ class Connection(asyncio.Protocol):
         self._in = bytearray()
         self._out = bytearray()
         self._flush_scheduled = False
-        self._pending: dict[int, tuple[asyncio.Future[None], float]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[None], float, str]] = {}  # tag -> future, deadline, id
         self._by_message_id: dict[str, int] = {}
         self._returned: set[int] = set()
         self._return_body_left: int | None = None
@@ -189,7 +189,7 @@ class Connection(asyncio.Protocol):
         tag = self._next_tag
         self._next_tag = tag + 1
         future: asyncio.Future[None] = self._loop.create_future()
-        self._pending[tag] = (future, time.monotonic() + self.publish_timeout)
+        self._pending[tag] = (future, time.monotonic() + self.publish_timeout, message_id)
         self._by_message_id[message_id] = tag
         out = self._out
         # basic.publish: class 60, method 40, reserved short, exchange, routing key, bits (mandatory)
@@ -206,6 +206,11 @@ class Connection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def tracked(self) -> int:
+        """Per-publish bookkeeping still held; 0 once everything settled (guards against leaks)."""
+        return len(self._pending) + len(self._by_message_id) + len(self._returned)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -225,8 +230,14 @@ class Connection(asyncio.Protocol):
         elif tag in pending:
             self._resolve(tag, nack)
 
+    def _forget(self, tag: int, message_id: str) -> None:
+        """Drop the return-matching entry of a settled publish (unless a newer publish reused the id)."""
+        if self._by_message_id.get(message_id) == tag:
+            del self._by_message_id[message_id]
+
     def _resolve(self, tag: int, nack: bool) -> None:
-        future, _ = self._pending.pop(tag)
+        future, _, message_id = self._pending.pop(tag)
+        self._forget(tag, message_id)
         if future.done():
             return
         if tag in self._returned:
@@ -319,10 +330,11 @@ class Connection(asyncio.Protocol):
         pending = self._pending
         while pending:
             tag = next(iter(pending))
-            future, deadline = pending[tag]
+            future, deadline, message_id = pending[tag]
             if deadline > now:
                 break  # deadlines grow with tags: the rest are younger
             del pending[tag]
+            self._forget(tag, message_id)
             self._returned.discard(tag)
             if not future.done():
                 future.set_exception(ConfirmTimeout("no confirm before the deadline"))
@@ -346,7 +358,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, exc: AmqpError) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        for future, _ in self._pending.values():
+        for future, _, _ in self._pending.values():
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # mark retrieved: a caller that awaits it still gets the error

@@ -199,3 +199,28 @@ async def test_blocked_and_unblocked_are_tracked(conn: tuple[amqp.Connection, Fa
     assert connection.blocked
     connection.data_received(frame.marshal(commands.Connection.Unblocked(), 0))
     assert not connection.blocked
+
+
+async def test_settled_publishes_leave_no_bookkeeping(conn: tuple[amqp.Connection, FakeTransport]) -> None:
+    """Acked, nacked, returned and expired publishes all release their per-message state (no leak)."""
+    connection, _ = conn
+    futures = [connection.publish("x", "k", b"{}", props(f"e-{i}"), f"e-{i}") for i in range(4)]
+    feed(
+        connection,
+        commands.Basic.Ack(delivery_tag=1),
+        commands.Basic.Nack(delivery_tag=2),
+        commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="x", routing_key="k"),
+        header.ContentHeader(body_size=2, properties=commands.Basic.Properties(message_id="e-2")),
+        body.ContentBody(b"{}"),
+        commands.Basic.Ack(delivery_tag=3),
+    )
+    assert [True, True, True, False] == [f.done() for f in futures]
+    assert 2 == connection.tracked  # tag 4 only: its pending entry and its return-matching entry
+    feed(connection, commands.Basic.Ack(delivery_tag=4))
+    connection.publish_timeout = 0.0
+    late = connection.publish("x", "k", b"{}", props("e-late"), "e-late")
+    time.sleep(0.001)
+    connection._tick()
+    for future in [*futures, late]:
+        future.exception()  # retrieve
+    assert 0 == connection.tracked
