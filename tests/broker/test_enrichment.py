@@ -88,8 +88,11 @@ class Scenario:
         return events
 
 
+ScenarioFactory = Callable[..., Awaitable[Scenario]]
+
+
 @pytest.fixture
-async def scenario(
+def make_scenario(
     aiohttp_client: ClientFactory,
     amqp_url: str,
     amqp: aio_pika.abc.AbstractChannel,
@@ -97,17 +100,20 @@ async def scenario(
     tmp_path: Path,
     redis_url: str,
     redis_client: aioredis.Redis,
-) -> Scenario:
-    client = await start_relay(
-        aiohttp_client,
-        amqp_url,
-        names,
-        tmp_path,
-        RELAY_REDIS_URL=redis_url,
-        RELAY_CORRELATION_TTL="120",
-        RELAY_ENRICHMENT_TIMEOUT="0.5",
-    )
-    return Scenario(client, amqp, names["queue"], redis_client)
+) -> ScenarioFactory:
+    """A relay on real Redis and RabbitMQ; keyword arguments override its RELAY_* settings."""
+
+    async def make(**env: str) -> Scenario:
+        settings = {"RELAY_REDIS_URL": redis_url, "RELAY_CORRELATION_TTL": "120", "RELAY_ENRICHMENT_TIMEOUT": "0.5"}
+        client = await start_relay(aiohttp_client, amqp_url, names, tmp_path, **{**settings, **env})
+        return Scenario(client, amqp, names["queue"], redis_client)
+
+    return make
+
+
+@pytest.fixture
+async def scenario(make_scenario: ScenarioFactory) -> Scenario:
+    return await make_scenario()
 
 
 async def test_c2c_send_then_recall(scenario: Scenario) -> None:
@@ -227,26 +233,9 @@ async def test_redis_down_publishes_unenriched(
     assert ("error", "1_2_3") == (event["enrichment"], event["msgID"])
 
 
-async def test_records_expire_after_the_ttl(
-    aiohttp_client: ClientFactory,
-    amqp_url: str,
-    amqp: aio_pika.abc.AbstractChannel,
-    names: dict[str, str],
-    tmp_path: Path,
-    redis_url: str,
-    redis_client: aioredis.Redis,
-) -> None:
+async def test_records_expire_after_the_ttl(make_scenario: ScenarioFactory, redis_client: aioredis.Redis) -> None:
     """With RELAY_CORRELATION_TTL=1 a recall two seconds after the send finds nothing."""
-    client = await start_relay(
-        aiohttp_client,
-        amqp_url,
-        names,
-        tmp_path,
-        RELAY_REDIS_URL=redis_url,
-        RELAY_CORRELATION_TTL="1",
-        RELAY_ENRICHMENT_TIMEOUT="0.5",
-    )
-    s = Scenario(client, amqp, names["queue"], redis_client)
+    s = await make_scenario(RELAY_CORRELATION_TTL="1")
     key = f"{s.tag}_5_1767225540"
     await s.sent(C2C_SEND, {"From_Account": "u_a", "To_Account": "u_b", "MsgKey": key}, f"{APP}/c2c/{key}")
     assert 0 < await redis_client.ttl(KEY_PREFIX + f"{APP}/c2c/{key}") <= 1
@@ -256,27 +245,9 @@ async def test_records_expire_after_the_ttl(
 
 
 @pytest.mark.parametrize("evidence", ["on", "off"])
-async def test_evidence_on_and_off(
-    aiohttp_client: ClientFactory,
-    amqp_url: str,
-    amqp: aio_pika.abc.AbstractChannel,
-    names: dict[str, str],
-    tmp_path: Path,
-    redis_url: str,
-    redis_client: aioredis.Redis,
-    evidence: str,
-) -> None:
+async def test_evidence_on_and_off(make_scenario: ScenarioFactory, redis_client: aioredis.Redis, evidence: str) -> None:
     """With RELAY_EVIDENCE=on the recalled message's body reaches the event; off, it is neither stored nor sent."""
-    client = await start_relay(
-        aiohttp_client,
-        amqp_url,
-        names,
-        tmp_path,
-        RELAY_REDIS_URL=redis_url,
-        RELAY_CORRELATION_TTL="120",
-        RELAY_EVIDENCE=evidence,
-    )
-    s = Scenario(client, amqp, names["queue"], redis_client)
+    s = await make_scenario(RELAY_EVIDENCE=evidence)
     key = f"{s.tag}_8_1767225540"
     body = [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "abusive text"}}]
     await s.sent(
