@@ -275,26 +275,17 @@ class Connection(asyncio.Protocol):
             self.blocked = True
         elif isinstance(value, commands.Connection.Unblocked):
             self.blocked = False
-        elif isinstance(value, commands.Connection.Close):
-            self._send(commands.Connection.CloseOk(), 0)
-            self._fail(
-                AmqpError(
-                    f"broker closed the connection: {value.reply_code} {value.reply_text}",
-                    in_doubt=True,
-                    code=value.reply_code or 0,
-                )
-            )
-            self.abort()
-        elif isinstance(value, commands.Channel.Close):
-            # e.g. 404 (exchange missing) or 406 (precondition failed): the channel is gone.
-            self._send(commands.Channel.CloseOk(), CHANNEL)
-            self._fail(
-                AmqpError(
-                    f"broker closed the channel: {value.reply_code} {value.reply_text}",
-                    in_doubt=True,
-                    code=value.reply_code or 0,
-                )
-            )
+        elif isinstance(value, (commands.Connection.Close, commands.Channel.Close)):
+            # The broker ends the connection, or the channel (e.g. 404 exchange missing, 406
+            # precondition failed): either way nothing more can be published here.
+            is_connection = isinstance(value, commands.Connection.Close)
+            if is_connection:
+                self._send(commands.Connection.CloseOk(), 0)
+            else:
+                self._send(commands.Channel.CloseOk(), CHANNEL)
+            what = "connection" if is_connection else "channel"
+            reason = f"broker closed the {what}: {value.reply_code} {value.reply_text}"
+            self._fail(AmqpError(reason, in_doubt=True, code=value.reply_code or 0))
             self.abort()
         elif self._waiter is not None and isinstance(value, self._waiter[0]):
             _, future = self._waiter
