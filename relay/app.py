@@ -60,13 +60,7 @@ def create_app(
 ) -> web.Application:
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     if publisher is None:
-        publisher = AmqpPublisher(
-            settings.amqp_url,
-            settings.exchange,
-            settings.queues,
-            settings.publish_timeout,
-            metrics,
-        )
+        publisher = AmqpPublisher.from_settings(settings, metrics)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes, clock=clock)
     enricher = Enricher(
         correlation_store(settings, metrics),

@@ -209,14 +209,7 @@ async def drain_spool(settings: Settings, directory: Path, give_up_after: float)
         print(f"spool drain: {spool.last_error}", file=sys.stderr)
         await spool.close()
         return 1
-    publisher = AmqpPublisher(
-        settings.amqp_url,
-        settings.exchange,
-        settings.queues,
-        settings.publish_timeout,
-        metrics,
-        connection_name="revoke-relay spool drain",
-    )
+    publisher = AmqpPublisher.from_settings(settings, metrics, connection_name="revoke-relay spool drain")
     await publisher.start()
     drainer = Drainer(spool, publisher, metrics)
     before = spool.events

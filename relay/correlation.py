@@ -34,6 +34,7 @@ _BREAKER_SECONDS = 1.0
 
 class CorrelationStore(Protocol):
     name: str
+    local: bool  # in-process: a lookup never waits, so it needs no deadline
 
     async def start(self) -> None: ...
 
@@ -50,6 +51,7 @@ class MemoryStore:
     """Embedded store for a single replica: a bounded, TTL'd map, lost on restart."""
 
     name = "memory"
+    local = True
 
     def __init__(self, ttl: float, max_entries: int, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
         self._ttl = ttl
@@ -79,9 +81,6 @@ class MemoryStore:
         self._metrics.correlation_writes.inc(len(records))
 
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
-        return self.get_many(keys)
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         now = self._clock()
         out: list[bytes | None] = []
         for key in keys:
@@ -97,6 +96,7 @@ class RedisStore:
     """Shared store: ``SET key value EX ttl`` per send, pipelined in batches; ``MGET`` per recall."""
 
     name = "redis"
+    local = False
 
     def __init__(self, url: str, ttl: int, metrics: Metrics) -> None:
         self._client = aioredis.Redis.from_url(
@@ -216,8 +216,8 @@ class Enricher:
             return self._mark(events, "error")
         keys = [correlation_key(e.sdk_app_id, e.conversation.type, e.server_key) for e in events]
         try:
-            if isinstance(self.store, MemoryStore):
-                found = self.store.get_many(keys)  # in-process: nothing to wait for
+            if self.store.local:
+                found = await self.store.lookup(keys)  # in-process: nothing to wait for
             else:
                 async with asyncio.timeout(self._budget):
                     found = await self.store.lookup(keys)

@@ -25,6 +25,7 @@ from relay import amqp
 from relay.errors import PublishFailed
 from relay.events import APP_ID, CLOUDEVENTS_HEADERS, EVENT_TYPE, Envelope
 from relay.metrics import Metrics
+from relay.settings import Settings
 
 log = structlog.get_logger()
 
@@ -99,6 +100,19 @@ class AmqpPublisher:
         self._recycle = asyncio.Event()
         self._bind_only: set[str] = set()  # queues that exist with other arguments: bind, never re-declare
         self.connected = asyncio.Event()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, metrics: Metrics, *, connection_name: str = "revoke-relay"
+    ) -> AmqpPublisher:
+        return cls(
+            settings.amqp_url,
+            settings.exchange,
+            settings.queues,
+            settings.publish_timeout,
+            metrics,
+            connection_name=connection_name,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -236,6 +236,7 @@ async def test_slow_store_is_an_error_within_the_budget() -> None:
         """A remote store that hangs (e.g. an overloaded Redis)."""
 
         name = "slow"
+        local = False
 
         async def start(self) -> None: ...
 
