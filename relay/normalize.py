@@ -128,11 +128,24 @@ class _Builder:
         self.command = command
         self.received_at_ms = received_at_ms
         self.anomalies: list[str] = []
-        self.rest = (query.platform or "").lower() == _REST_PLATFORM
+        self.platform = self._query_text(query.platform, "OptPlatform")
+        self.client_ip = self._query_text(query.client_ip, "ClientIP")
+        self.rest = (self.platform or "").lower() == _REST_PLATFORM
         self.event_time_ms = self._event_time()
         self.reason = self._reason()
 
     # -- field readers -------------------------------------------------------------------------
+
+    def _query_text(self, value: str | None, name: str) -> str | None:
+        """A query value copied into events: dropped (an anomaly) if it cannot be UTF-8 encoded."""
+        if value is None or value.isascii():
+            return value
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            self.anomalies.append(name)
+            return None
+        return value
 
     def required_id(self, source: Mapping[str, object], name: str, where: str = "") -> str:
         value = source.get(name)
@@ -203,8 +216,8 @@ class _Builder:
             conversation=conversation,
             sdk_app_id=app,
             callback_command=self.command,
-            platform=self.query.platform,
-            client_ip=self.query.client_ip,
+            platform=self.platform,
+            client_ip=self.client_ip,
             event_time_ms=self.event_time_ms,
             received_at_ms=self.received_at_ms,
             server_key=server_key,
