@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -29,17 +30,42 @@ from relay.sends import SEND_COMMANDS, parse_send
 log = structlog.get_logger()
 
 OK_BODY = orjson.dumps({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
-_FAIL_BODIES = {
-    code: orjson.dumps({"ActionStatus": "FAIL", "ErrorCode": 1, "ErrorInfo": code.value}) for code in Reject
-}
 _JSON = "application/json"
+# After refusing these the rest of the request is not worth reading: the connection is closed.
+_CLOSING = frozenset({Reject.BODY_TOO_LARGE, Reject.BODY_TIMEOUT, Reject.INCOMPLETE_BODY})
+
+BodyReader = Callable[[], Awaitable[bytes]]
 
 
-def fail_response(code: Reject) -> web.Response:
-    response = web.Response(body=_FAIL_BODIES[code], status=STATUS[code], content_type=_JSON)
-    if STATUS[code] == 503:
-        response.headers["Retry-After"] = "1"
-    return response
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer to a callback, independent of the HTTP server that sends it."""
+
+    status: int
+    body: bytes
+    retry_after: bool = False  # 503: tell the sender when to come back
+    close: bool = False  # close the connection after answering
+
+    def response(self) -> web.Response:
+        """As an aiohttp response."""
+        response = web.Response(body=self.body, status=self.status, content_type=_JSON)
+        if self.retry_after:
+            response.headers["Retry-After"] = "1"
+        if self.close:
+            response.force_close()
+        return response
+
+
+OK = Reply(200, OK_BODY)
+FAIL = {
+    code: Reply(
+        STATUS[code],
+        orjson.dumps({"ActionStatus": "FAIL", "ErrorCode": 1, "ErrorInfo": code.value}),
+        retry_after=STATUS[code] == 503,
+        close=code in _CLOSING,
+    )
+    for code in Reject
+}
 
 
 class CallbackHandler:
@@ -75,29 +101,45 @@ class CallbackHandler:
         self._shed = 0
         self._shed_logged_at = 0.0
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.Response:
+        """The aiohttp route; :mod:`relay.fastpath` calls :meth:`process` directly."""
+        reply = await self.process(
+            request.query.items(),
+            request.remote,
+            request.headers.getall("X-Forwarded-For", ()),
+            lambda: self._read_body(request),
+        )
+        return reply.response()
+
+    async def process(
+        self,
+        query_items: Iterable[tuple[str, str]],
+        peer: str | None,
+        forwarded_for: Iterable[str],
+        read_body: BodyReader,
+    ) -> Reply:
+        """One callback, whichever HTTP server received it. ``read_body`` is awaited only once
+        the checks that need no body have passed; it enforces the size cap and the deadline."""
         started = time.perf_counter()
         if self.in_flight >= self.max_in_flight:
-            return self._overloaded(request, started)
+            return self._overloaded(started)
         self.in_flight += 1
         command: str | None = None
         outcome = "rejected"
         try:
-            if self.sources.active and not self.sources.allows(
-                request.remote, request.headers.getall("X-Forwarded-For", ())
-            ):
+            if self.sources.active and not self.sources.allows(peer, forwarded_for):
                 raise Rejection(Reject.FORBIDDEN_SOURCE, "source address not in RELAY_ALLOWED_CIDRS")
-            response, command, outcome = await self._handle(request)
+            reply, command, outcome = await self._process(query_items, peer, read_body)
         except Rejection as rejection:
-            response = self._reject(rejection, request, command)
+            reply = self._reject(rejection, peer, command)
             outcome = "unavailable" if rejection.status == 503 else "rejected"
         finally:
             self.in_flight -= 1
         self.metrics.child(self.metrics.callbacks, command_label(command), outcome).inc()
         self.metrics.child(self.metrics.request_seconds, outcome).observe(time.perf_counter() - started)
-        return response
+        return reply
 
-    def _overloaded(self, request: web.Request, started: float) -> web.Response:
+    def _overloaded(self, started: float) -> Reply:
         """Shed load fast: nothing is read or parsed. One summary log line per second, not one per
         refused request, so logging does not add to the overload it reports."""
         self._shed += 1
@@ -108,21 +150,22 @@ class CallbackHandler:
             log.warning("relay.overloaded", shed=self._shed, in_flight=self.in_flight, limit=self.max_in_flight)
             self._shed = 0
             self._shed_logged_at = now
-        response = fail_response(Reject.OVERLOADED)
         self.metrics.request_seconds.labels("unavailable").observe(time.perf_counter() - started)
-        return response
+        return FAIL[Reject.OVERLOADED]
 
-    async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str | None, str]:
-        query = CallbackQuery.parse(request.query.items())
+    async def _process(
+        self, query_items: Iterable[tuple[str, str]], peer: str | None, read_body: BodyReader
+    ) -> tuple[Reply, str | None, str]:
+        query = CallbackQuery.parse(query_items)
         command = query.command
         if command is not None and ".CallbackBefore" in command:
             # Before-event callbacks gate message delivery; the relay never blocks them.
-            return web.Response(body=OK_BODY, content_type=_JSON), command, "ignored"
+            return OK, command, "ignored"
         try:
             self.auth.check(query)
             if command is not None and command not in RECALL_COMMANDS and not self._records(command):
                 return self._ignored(command), command, "ignored"
-            body = await self._read_body(request)
+            body = await read_body()
             received_at_ms = int(self.clock() * 1000)
             if command is None:
                 command = resolve_command(query, parse_object(body))
@@ -133,10 +176,10 @@ class CallbackHandler:
                 # background and never delays (or fails) a send callback.
                 records = parse_send(body, query, evidence=self.evidence, evidence_max_bytes=self.evidence_max_bytes)
                 self.enricher.record(records)
-                return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
+                return OK, command, "accepted"
             result = normalize(body, query, received_at_ms)
         except Rejection as rejection:
-            return self._reject(rejection, request, command), command, "rejected"
+            return self._reject(rejection, peer, command), command, "rejected"
 
         for field in result.anomalies:
             self.metrics.anomaly(field)
@@ -156,7 +199,7 @@ class CallbackHandler:
                 log.error(
                     "relay.events_refused", command=command, code=code.value, error=str(exc)[:300], event_ids=event_ids
                 )
-                return self._reject(Rejection(code), request, command), command, "unavailable"
+                return self._reject(Rejection(code), peer, command), command, "unavailable"
             spooled = dispatched.spooled
             failure = dispatched.publish_failure
             if failure is not None:
@@ -181,20 +224,20 @@ class CallbackHandler:
                 event_ids=event_ids,
                 rejected=[{"index": i.index, "code": i.code.value, "detail": i.detail} for i in result.rejected_items],
             )
-            return fail_response(first.code), command, "partial"
+            return FAIL[first.code], command, "partial"
 
         # debug: one line per callback is too costly at full rate; metrics count them, relay tail shows them.
         log.debug("relay.callback_accepted", command=command, event_ids=event_ids, spooled=spooled)
-        return web.Response(body=OK_BODY, content_type=_JSON), command, "accepted"
+        return OK, command, "accepted"
 
     def _records(self, command: str) -> bool:
         return command in SEND_COMMANDS and self.enricher.store is not None
 
-    def _ignored(self, command: str) -> web.Response:
+    def _ignored(self, command: str) -> Reply:
         log.debug("relay.callback_ignored", command=command)
-        return web.Response(body=OK_BODY, content_type=_JSON)
+        return OK
 
-    def _reject(self, rejection: Rejection, request: web.Request, command: str | None) -> web.Response:
+    def _reject(self, rejection: Rejection, peer: str | None, command: str | None) -> Reply:
         self.metrics.rejections.labels(rejection.code.value).inc()
         log.warning(
             "relay.callback_rejected",
@@ -202,12 +245,9 @@ class CallbackHandler:
             status=rejection.status,
             detail=rejection.detail,
             command=command_label(command),
-            peer=request.remote,
+            peer=peer,
         )
-        response = fail_response(rejection.code)
-        if rejection.code in (Reject.BODY_TOO_LARGE, Reject.BODY_TIMEOUT, Reject.INCOMPLETE_BODY):
-            response.force_close()  # the rest of the body is not worth reading
-        return response
+        return FAIL[rejection.code]
 
     async def _read_body(self, request: web.Request) -> bytes:
         """Read at most ``max_body_bytes`` within ``body_timeout``; never buffer past the cap."""
