@@ -21,6 +21,7 @@ from relay.auth import Authenticator
 from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStore
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
+from relay.fastpath import RelayRunner
 from relay.ingress import CallbackHandler
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
@@ -46,6 +47,7 @@ SPOOL = web.AppKey("spool", Spool)
 DRAINER = web.AppKey("drainer", Drainer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 ENRICHER = web.AppKey("enricher", Enricher)
+CALLBACK = web.AppKey("callback", CallbackHandler)
 WORKER = web.AppKey("worker", tuple)  # (index, count) under relay serve --workers, else ()
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
@@ -92,6 +94,7 @@ def create_app(
     app[DRAINER] = Drainer(spool, publisher, metrics)
     app[DISPATCHER] = dispatcher
     app[ENRICHER] = enricher
+    app[CALLBACK] = handler
     app[LIFECYCLE] = Lifecycle()
     app[WORKER] = worker or ()
     app.router.add_post(CALLBACK_PATH, handler.handle)
@@ -137,11 +140,11 @@ def local_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-def make_runner(app: web.Application) -> web.AppRunner:
-    """The HTTP server settings of production, used by ``relay serve`` and by the slow-client tests."""
+def make_runner(app: web.Application, **kwargs: object) -> web.AppRunner:
+    """The HTTP server of production, used by ``relay serve`` and the tests: callbacks on the fast
+    path (:mod:`relay.fastpath`) unless ``RELAY_HTTP_FAST_PATH=off``, everything else on aiohttp."""
     settings = app[SETTINGS]
-    return web.AppRunner(
-        app,
+    options: dict[str, object] = dict(
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.publish_timeout + 2,
@@ -152,6 +155,10 @@ def make_runner(app: web.Application) -> web.AppRunner:
         # bound that, so a slow sender cannot hold the socket for the default 10 s.
         lingering_time=2.0,
     )
+    options.update(kwargs)
+    if settings.fast_path:
+        return RelayRunner(app, app[CALLBACK], CALLBACK_PATH, **options)
+    return web.AppRunner(app, **options)  # type: ignore[arg-type]
 
 
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -60,6 +60,7 @@ class Settings:
     drain_timeout: float = 10.0
     keepalive_timeout: float = 15.0
     body_timeout: float = 10.0
+    fast_path: bool = True
     max_in_flight: int = 1000
     allowed_cidrs: tuple[Network, ...] = ()
     trusted_proxies: tuple[Network, ...] = ()
@@ -183,7 +184,11 @@ class Settings:
         number("RELAY_CORRELATION_MAX_ENTRIES", "correlation_max_entries", int, 1, 100_000_000)
         number("RELAY_EVIDENCE_MAX_BYTES", "evidence_max_bytes", int, 64, 1024 * 1024)
         number("RELAY_WORKERS", "workers", int, 1, 64)
-        for name, key in (("RELAY_ENRICHMENT", "enrichment"), ("RELAY_EVIDENCE", "evidence")):
+        for name, key in (
+            ("RELAY_ENRICHMENT", "enrichment"),
+            ("RELAY_EVIDENCE", "evidence"),
+            ("RELAY_HTTP_FAST_PATH", "fast_path"),
+        ):
             raw = get(name)
             if raw is None:
                 continue

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from relay.app import CALLBACK, make_runner
+
+ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +22,24 @@ def _plain_structlog() -> None:
 
 def pytest_report_header() -> str:
     return f"broker required: {os.environ.get('RELAY_REQUIRE_BROKER', '0')}"
+
+
+class RelayTestServer(TestServer):
+    """aiohttp's TestServer with the relay's production runner (fast path included)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return make_runner(self.app, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: ClientFactory) -> ClientFactory:
+    """pytest-aiohttp's factory, except that a relay app is served the way ``relay serve`` serves
+    it (:func:`relay.app.make_runner`), so every app test goes through the production HTTP front
+    end: the callback fast path, and aiohttp for everything else."""
+
+    async def client(app_or_server: Any, **kwargs: Any) -> TestClient:  # type: ignore[type-arg]
+        if isinstance(app_or_server, web.Application) and CALLBACK in app_or_server:
+            app_or_server = RelayTestServer(app_or_server)
+        return await aiohttp_client(app_or_server, **kwargs)
+
+    return client

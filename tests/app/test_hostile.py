@@ -119,9 +119,12 @@ CASES: list[tuple[str, str, bytes, int, str | None]] = [
 ]
 
 
-@pytest.fixture
-async def client(aiohttp_client: ClientFactory, tmp_path: Path) -> TestClient:  # type: ignore[type-arg]
-    settings = make_settings(tmp_path, RELAY_CALLBACK_TOKENS=f"{APP}={TOKEN},{APP}={OLD_TOKEN}")
+@pytest.fixture(params=["on", "off"], ids=["fast-path", "aiohttp"])
+async def client(aiohttp_client: ClientFactory, tmp_path: Path, request: pytest.FixtureRequest) -> TestClient:  # type: ignore[type-arg]
+    """Every hostile case through both HTTP front ends: they must answer identically."""
+    settings = make_settings(
+        tmp_path, RELAY_CALLBACK_TOKENS=f"{APP}={TOKEN},{APP}={OLD_TOKEN}", RELAY_HTTP_FAST_PATH=request.param
+    )
     registry = CollectorRegistry()
     app = create_app(settings, publisher=RecordingPublisher(), registry=registry, clock=lambda: NOW)
     client = await aiohttp_client(app)

@@ -1,0 +1,295 @@
+"""The HTTP front end (relay.fastpath): simple callbacks on the fast path, the rest on aiohttp.
+
+Raw sockets, so the tests control exactly which bytes arrive and when. Each test checks both the
+answer and which front end gave it (``served`` / ``handed_over``), so a fast path that silently
+handed everything to aiohttp would fail here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+import orjson
+import pytest
+from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from yarl import URL
+
+from relay.app import create_app, make_runner
+from relay.callback import C2C_RECALL
+from relay.fastpath import FastPathServer, parse_head
+from relay.samples import callback_query, sample_body
+from tests.helpers import APP, NOW, TOKEN, RecordingPublisher, make_settings
+
+PATH = "/tencent-im/callback"
+
+
+class Served:
+    def __init__(self, port: int, runner: web.AppRunner, publisher: RecordingPublisher) -> None:
+        self.port = port
+        self.runner = runner
+        self.publisher = publisher
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def front(self) -> FastPathServer:
+        return cast(FastPathServer, self.runner.server)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers.append(writer)  # closed by the fixture
+        return reader, writer
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
+    runners: list[web.AppRunner] = []
+    servers: list[Served] = []
+
+    async def start(**env: str) -> Served:
+        publisher = RecordingPublisher()
+        app = create_app(
+            make_settings(tmp_path / str(len(runners)), **env),
+            publisher=publisher,
+            registry=CollectorRegistry(),
+            clock=lambda: NOW,
+        )
+        runner = make_runner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        servers.append(Served(int(runner.addresses[0][1]), runner, publisher))
+        return servers[-1]
+
+    yield start
+    for served in servers:
+        for writer in served.writers:
+            writer.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+def target(key: str = "k1") -> str:
+    return f"{PATH}?{callback_query(C2C_RECALL, APP, TOKEN, request_time=int(NOW))}"
+
+
+def body(key: str) -> bytes:
+    data = sample_body("c2c")
+    data["MsgKey"] = key
+    return orjson.dumps(data)
+
+
+def request(key: str, *, headers: str = "", path: str | None = None) -> bytes:
+    payload = body(key)
+    head = f"POST {path or target()} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(payload)}\r\n{headers}\r\n".encode() + payload
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        content = await reader.readexactly(int(headers["content-length"]))
+    return status, headers, content
+
+
+async def test_keepalive_callbacks_are_answered_on_the_fast_path(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    for i in range(3):
+        writer.write(request(f"k{i}"))
+        status, headers, content = await read_response(reader)
+        assert status == 200
+        assert orjson.loads(content) == {"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""}
+        assert headers["content-type"] == "application/json"
+        assert headers["date"].endswith(" GMT")
+        assert "connection" not in headers
+    assert [orjson.loads(e.body)["msgKey"] for e in served.publisher.published] == ["k0", "k1", "k2"]
+    assert (served.front.served, served.front.handed_over) == (3, 0)
+
+
+async def test_split_and_trickled_requests_stay_on_the_fast_path(serve: Callable[..., Awaitable[Served]]) -> None:
+    """Headers and body in separate packets (what aiohttp's client does), and a head one byte at a time."""
+    served = await serve()
+    reader, writer = await served.connect()
+    data = request("split")
+    cut = data.index(b"\r\n\r\n") + 4
+    writer.write(data[:cut])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(data[cut:])
+    assert (await read_response(reader))[0] == 200
+    for byte in request("trickled"):
+        writer.write(bytes([byte]))
+        await writer.drain()
+    assert (await read_response(reader))[0] == 200
+    assert (served.front.served, served.front.handed_over) == (2, 0)
+    assert len(served.publisher.published) == 2
+
+
+async def test_pipelined_requests_are_answered_in_order(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    bad = f"POST {PATH}?SdkAppid={APP}&CallbackCommand={C2C_RECALL} HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}"
+    writer.write(request("p1") + bad.encode() + request("p2"))
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 401, 200]
+    assert b"missing_signature" in answers[1][2]
+    assert served.front.served == 3
+
+
+async def test_other_requests_are_handed_to_aiohttp_on_the_same_connection(
+    serve: Callable[..., Awaitable[Served]],
+) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    writer.write(request("first"))
+    assert (await read_response(reader))[0] == 200
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    status, headers, content = await read_response(reader)
+    assert (status, orjson.loads(content)) == (200, {"status": "ok"})
+    assert "aiohttp" in headers["server"]  # answered by aiohttp
+    writer.write(request("after"))  # aiohttp keeps serving the connection, callbacks included
+    assert (await read_response(reader))[0] == 200
+    assert (served.front.served, served.front.handed_over) == (1, 1)
+    assert len(served.publisher.published) == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        # shapes the fast path does not take; aiohttp answers them as it always did
+        pytest.param(request("te", headers="Transfer-Encoding: chunked\r\n"), 400, id="cl-and-te"),
+        pytest.param(request("expect", headers="Expect: 100-continue\r\n"), 100, id="expect"),
+        pytest.param(request("fold", headers="X-A: a\r\n b\r\n"), 400, id="obs-fold"),
+        pytest.param(request("ctl", headers="X-A: a\x01b\r\n"), 400, id="control-byte"),
+        pytest.param(request("space", headers="X-A : a\r\n"), 400, id="space-before-colon"),
+        pytest.param(request("dup-cl", headers="Content-Length: 5\r\n"), 400, id="two-content-lengths"),
+        pytest.param(request("http10").replace(b"HTTP/1.1", b"HTTP/1.0", 1), 200, id="http-1.0"),
+        pytest.param(request("escaped", path=target().replace("SdkAppid", "Sdk%41ppid")), 200, id="percent-escape"),
+        pytest.param(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n", 200, id="other-route"),
+        pytest.param(f"POST {PATH} HTTP/1.1\r\nX: {'a' * 9000}\r\n\r\n".encode(), 400, id="long-head"),
+    ],
+)
+async def test_unusual_requests_get_aiohttp_answers(
+    serve: Callable[..., Awaitable[Served]], raw: bytes, status: int
+) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    writer.write(raw)
+    async with asyncio.timeout(5):
+        line = await reader.readline()
+    assert int(line.split()[1]) == status, line
+    assert (served.front.served, served.front.handed_over) == (0, 1)
+
+
+async def test_connection_close_is_honoured(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    writer.write(request("bye", headers="Connection: close\r\n"))
+    status, headers, _ = await read_response(reader)
+    assert (status, headers["connection"]) == (200, "close")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    assert served.front.served == 1
+
+
+async def test_oversized_body_is_refused_before_it_is_read(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve(RELAY_MAX_BODY_BYTES="1024")
+    reader, writer = await served.connect()
+    writer.write(f"POST {target()} HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n".encode() + b"x" * 4096)
+    status, headers, content = await read_response(reader)
+    assert (status, headers["connection"]) == (413, "close")
+    assert b"body_too_large" in content
+    async with asyncio.timeout(5):
+        while await reader.read(65536):
+            pass  # the server closes after the bounded lingering
+    assert served.publisher.published == []
+
+
+async def test_slow_body_times_out_with_408(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve(RELAY_BODY_TIMEOUT="0.5")
+    reader, writer = await served.connect()
+    data = request("slow")
+    writer.write(data[:-10])
+    started = time.monotonic()
+    status, headers, content = await read_response(reader)
+    assert (status, headers["connection"]) == (408, "close")
+    assert b"body_timeout" in content
+    assert 0.4 < time.monotonic() - started < 3
+    assert served.front.served == 1
+
+
+async def test_refused_request_with_buffered_body_keeps_the_connection(
+    serve: Callable[..., Awaitable[Served]],
+) -> None:
+    """A 401 answered before the body was needed: the body is skipped, the next request works."""
+    served = await serve()
+    reader, writer = await served.connect()
+    writer.write(request("bad", path=target().replace("Sign=", "Sign=00")))
+    assert (await read_response(reader))[0] == 401
+    writer.write(request("good"))
+    assert (await read_response(reader))[0] == 200
+    assert served.front.served == 2
+
+
+async def test_idle_connection_is_closed_after_keepalive_timeout(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve(RELAY_KEEPALIVE_TIMEOUT="0.5")
+    reader, writer = await served.connect()
+    writer.write(request("once"))
+    assert (await read_response(reader))[0] == 200
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    assert 0.3 < time.monotonic() - started < 3
+
+
+async def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connections(
+    serve: Callable[..., Awaitable[Served]],
+) -> None:
+    served = await serve()
+    served.publisher.delay = 0.5
+    idle_reader, _ = await served.connect()
+    busy_reader, busy_writer = await served.connect()
+    busy_writer.write(request("in-flight"))
+    await asyncio.sleep(0.1)
+    cleanup = asyncio.create_task(served.runner.cleanup())
+    async with asyncio.timeout(0.3):
+        assert await idle_reader.read() == b""  # the idle connection closes at once
+    status, headers, _ = await read_response(busy_reader)  # the busy one is answered, then closed
+    assert (status, headers["connection"]) == (200, "close")
+    await asyncio.wait_for(cleanup, 10)
+    assert len(served.publisher.published) == 1
+
+
+async def test_fast_path_can_be_switched_off(serve: Callable[..., Awaitable[Served]]) -> None:
+    served = await serve(RELAY_HTTP_FAST_PATH="off")
+    assert not isinstance(served.runner.server, FastPathServer)
+    reader, writer = await served.connect()
+    writer.write(request("plain"))
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and "aiohttp" in headers["server"]
+
+
+plain_query = st.text(alphabet="abcAZ019._~=&:-", max_size=40)
+
+
+@given(plain_query)
+def test_plain_queries_parse_as_aiohttp_parses_them(query: str) -> None:
+    """The fast path decodes only queries whose bytes mean themselves, exactly as yarl does."""
+    head = parse_head(f"POST {PATH}?{query} HTTP/1.1\r\nContent-Length: 0\r\n".encode(), PATH.encode())
+    assert head is not None
+    assert head.query == list(URL(f"{PATH}?{query}").query.items())
+
+
+@pytest.mark.parametrize("query", ["a=%41", "a=b+c", "a=b c", "a=\u00e9", "a=b;c", "a=b#c"])
+def test_other_queries_are_left_to_aiohttp(query: str) -> None:
+    assert parse_head(f"POST {PATH}?{query} HTTP/1.1\r\nContent-Length: 0\r\n".encode(), PATH.encode()) is None
