@@ -106,7 +106,7 @@ def markdown(result: dict[str, Any]) -> str:
     ratios = result["ratios"]
     best = ratios["best"]
     out += _table(
-        ["connections", "A 200/s", "R 200/s", "R/A", "R/B", "S 200/s", "S/A"],
+        ["connections", "A 200/s", "R 200/s", "R/A", "R/B", "R/RH", "S 200/s", "S/A"],
         [
             [
                 p["connections"],
@@ -114,6 +114,7 @@ def markdown(result: dict[str, Any]) -> str:
                 _lookup(result, "R", p["connections"]),
                 _ratio(p["R/A"]),
                 _ratio(p["R/B"]),
+                _ratio(p.get("R/RH")),
                 _lookup(result, "S", p["connections"]),
                 _ratio(p["S/A"]),
             ]
@@ -126,6 +127,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(best['R']['ok_rps'])} (c={best['R']['connections']})",
                 _ratio(best["R/A"]),
                 _ratio(best["R/B"]),
+                "",
                 f"{_fmt(best['S']['ok_rps'])} (c={best['S']['connections']})",
                 _ratio(best["S/A"]),
             ]
@@ -134,7 +136,8 @@ def markdown(result: dict[str, Any]) -> str:
     out += [
         "",
         f"B (broker ceiling, best client) = {_fmt(best['B_msgs_per_s'])} confirmed msg/s. One event per C2C "
-        "callback, so R/B compares callbacks/s with confirmed publishes/s.",
+        "callback, so R/B compares callbacks/s with confirmed publishes/s. R/RH: the relay with its HTTP fast "
+        "path against the same relay with `RELAY_HTTP_FAST_PATH=off` (aiohttp answers every callback).",
         "",
         "## A — HTTP ceiling: bare aiohttp handler, same reply",
         "",
@@ -148,6 +151,13 @@ def markdown(result: dict[str, Any]) -> str:
         ["200s", "queued", "queue ≥ 200s", "distinct eventIDs read back", "spooled"],
         ["ok", "queued", "queue_check", "distinct_ids", "spooled"],
     )
+    if "RH" in result:
+        out += ["", "## RH — the relay with `RELAY_HTTP_FAST_PATH=off`: aiohttp answers every callback", ""]
+        out += _http_section(
+            result.get("RH"),
+            ["200s", "queued", "queue ≥ 200s", "distinct eventIDs read back", "spooled"],
+            ["ok", "queued", "queue_check", "distinct_ids", "spooled"],
+        )
     out += ["", "## S — spool path: broker unreachable, each 200 a durable (fsync'd) SQLite write", ""]
     out += _http_section(result.get("S"), ["200s", "spooled", "spooled ≥ 200s"], ["ok", "spooled", "spool_check"])
     if "RW" in result:
@@ -265,7 +275,7 @@ def _broker_section(section: dict[str, Any] | None) -> list[str]:
 
 def _cpu_section(result: dict[str, Any]) -> list[str]:
     rows = []
-    for key in ("A", "B", "R", "S", "RW", "W"):
+    for key in ("A", "B", "R", "RH", "S", "RW", "W"):
         section = result.get(key) or {}
         for r in section.get("rows", []):
             cpu = r.get("cpu") or {}

@@ -49,7 +49,7 @@ from relay.sends import C2C_SEND
 ROOT = Path(__file__).resolve().parents[1]
 APP = "1400000001"
 TOKEN = "bench-callback-token"  # the relay verifies Sign = sha256(token + RequestTime) on every callback
-MEASUREMENTS = ("A", "B", "R", "S", "RW", "W")
+MEASUREMENTS = ("A", "B", "R", "RH", "S", "RW", "W")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -217,11 +217,13 @@ def measure_broker_ceiling(cfg: Config, ctx: Context) -> dict[str, Any]:
     }
 
 
-def measure_relay(cfg: Config, ctx: Context, *, workers: int = 1, label: str = "R") -> dict[str, Any]:
+def measure_relay(
+    cfg: Config, ctx: Context, *, workers: int = 1, label: str = "R", env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """R: the relay end to end, each 200 a broker confirm; queue checked after every run."""
     rows = []
     for connections in cfg.connections:
-        with Relay(APP, TOKEN if cfg.signed else None, workers=workers, src=cfg.relay_src) as relay:
+        with Relay(APP, TOKEN if cfg.signed else None, workers=workers, src=cfg.relay_src, extra_env=env) as relay:
             row = http_run(cfg, ctx, relay, connections)
             relay_checks(ctx, relay, row, label, verify_ids=cfg.verify_ids)
         rows.append(row)
@@ -231,6 +233,13 @@ def measure_relay(cfg: Config, ctx: Context, *, workers: int = 1, label: str = "
         "workers": workers,
         "rows": rows,
     }
+
+
+def measure_relay_aiohttp(cfg: Config, ctx: Context) -> dict[str, Any]:
+    """RH: R with RELAY_HTTP_FAST_PATH=off, aiohttp answering every callback (what the fast path saves)."""
+    result = measure_relay(cfg, ctx, label="RH", env={"RELAY_HTTP_FAST_PATH": "off"})
+    result["what"] += "; RELAY_HTTP_FAST_PATH=off"
+    return result
 
 
 def measure_spool(cfg: Config, ctx: Context) -> dict[str, Any]:
@@ -353,7 +362,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         section = results.get(key) or {}
         return {r["connections"]: r["ok_rps"] for r in section.get("rows", [])}
 
-    a, r, s, rw = by_conn("A"), by_conn("R"), by_conn("S"), by_conn("RW")
+    a, r, s, rw, rh = by_conn("A"), by_conn("R"), by_conn("S"), by_conn("RW"), by_conn("RH")
     b = ((results.get("B") or {}).get("best") or {}).get("msgs_per_s")
 
     def ratio(x: float | None, y: float | None) -> float | None:
@@ -368,6 +377,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
                 "R/B": ratio(r.get(c), b),
                 "S/A": ratio(s.get(c), a.get(c)),
                 "RW/A": ratio(rw.get(c), a.get(c)) if rw else None,
+                "R/RH": ratio(r.get(c), rh.get(c)) if rh else None,
             }
         )
 
@@ -417,6 +427,7 @@ def run(cfg: Config) -> int:
         ("A", measure_bare_http),
         ("B", measure_broker_ceiling),
         ("R", measure_relay),
+        ("RH", measure_relay_aiohttp),
         ("S", measure_spool),
     ]
     if cfg.workers > 1:
@@ -485,7 +496,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--no-verify-ids", action="store_true", help="skip reading R's queue back to check every eventID is distinct"
     )
-    parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run (A,B,R,S,RW,W)")
+    parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run (A,B,R,RH,S,RW,W)")
     parser.add_argument(
         "--relay-rev",
         default=None,

@@ -38,7 +38,8 @@ from relay.ingress import CallbackHandler, Reply
 
 log = structlog.get_logger()
 
-MAX_HEAD = 8190  # aiohttp's default limit for the request line plus headers
+MAX_HEAD = 8190  # bytes of request line plus headers; aiohttp's limit for one line
+MAX_HEADERS = 128  # aiohttp's limit
 
 _INTERNAL_ERROR = Reply(500, b'{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":"internal_error"}', close=True)
 # Header lines: a token, a colon, then visible ASCII, space, tab or obs-text; no control bytes.
@@ -78,7 +79,10 @@ def parse_head(head: bytes, path: bytes) -> _Head | None:
     length: int | None = None
     close = False
     forwarded_for: list[str] = []
-    for line in head[line_end + 2 : -2].split(b"\r\n"):
+    lines = head[line_end + 2 : -2].split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
+        return None
+    for line in lines:
         name, _, value = line.partition(b":")
         name = name.lower()
         if name == b"content-length":
@@ -185,6 +189,8 @@ class FastConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._lingering = False
+        # Never buffer more than one whole request ahead (the body being read is at most the cap).
+        self._max_buffer = MAX_HEAD + server.handler.max_body_bytes
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -204,13 +210,13 @@ class FastConnection(asyncio.Protocol):
         self._buffer += data
         if self.task is None:
             self._next()
-            return
-        waiter = self._body_waiter
-        if waiter is not None and len(self._buffer) >= self._length and not waiter.done():
-            waiter.set_result(None)
-        if len(self._buffer) > self._length + MAX_HEAD and not self._reading_paused:
-            # A client sending ahead (pipelining) waits until this answer is written.
-            self._transport.pause_reading()  # type: ignore[union-attr]
+        else:
+            waiter = self._body_waiter
+            if waiter is not None and len(self._buffer) >= self._length and not waiter.done():
+                waiter.set_result(None)
+        if len(self._buffer) > self._max_buffer and not self._reading_paused and self._transport is not None:
+            # A client sending ahead (pipelining) or not reading our answers waits until we catch up.
+            self._transport.pause_reading()
             self._reading_paused = True
 
     def eof_received(self) -> bool:
@@ -240,11 +246,14 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._writing_paused:
             return
+        if self._reading_paused and len(self._buffer) <= self._max_buffer:
+            self._reading_paused = False
+            transport.resume_reading()
         if self.server.closing:
             transport.close()
             return
         buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
             if len(buffer) > MAX_HEAD:
                 self._hand_over()
@@ -282,9 +291,6 @@ class FastConnection(asyncio.Protocol):
             self._linger()
             return
         self._idle_since = self.server.loop.time()
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
         self._next()
 
     async def _read_body(self) -> bytes:

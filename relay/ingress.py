@@ -103,6 +103,7 @@ class CallbackHandler:
 
     async def handle(self, request: web.Request) -> web.Response:
         """The aiohttp route; :mod:`relay.fastpath` calls :meth:`process` directly."""
+        self.metrics.callbacks_via_aiohttp.inc()
         reply = await self.process(
             request.query.items(),
             request.remote,

@@ -53,6 +53,12 @@ class Metrics:
             ["command", "outcome"],
             registry=registry,
         )
+        self.callbacks_via_aiohttp = Counter(
+            "relay_http_callbacks_via_aiohttp_total",
+            "Callback requests answered by aiohttp rather than the HTTP fast path (unusual request"
+            " shape, or RELAY_HTTP_FAST_PATH=off).",
+            registry=registry,
+        )
         self.rejections = Counter(
             "relay_callback_rejections_total",
             "Callbacks (or items of one) refused, by stable error code.",

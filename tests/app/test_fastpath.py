@@ -31,11 +31,18 @@ PATH = "/tencent-im/callback"
 
 
 class Served:
-    def __init__(self, port: int, runner: web.AppRunner, publisher: RecordingPublisher) -> None:
+    def __init__(
+        self, port: int, runner: web.AppRunner, publisher: RecordingPublisher, registry: CollectorRegistry
+    ) -> None:
         self.port = port
+        self.registry = registry
         self.runner = runner
         self.publisher = publisher
         self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def via_aiohttp(self) -> float:
+        return self.registry.get_sample_value("relay_http_callbacks_via_aiohttp_total") or 0.0
 
     @property
     def front(self) -> FastPathServer:
@@ -54,17 +61,18 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Served]
 
     async def start(**env: str) -> Served:
         publisher = RecordingPublisher()
+        registry = CollectorRegistry()
         app = create_app(
             make_settings(tmp_path / str(len(runners)), **env),
             publisher=publisher,
-            registry=CollectorRegistry(),
+            registry=registry,
             clock=lambda: NOW,
         )
         runner = make_runner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)
-        servers.append(Served(int(runner.addresses[0][1]), runner, publisher))
+        servers.append(Served(int(runner.addresses[0][1]), runner, publisher, registry))
         return servers[-1]
 
     yield start
@@ -113,7 +121,7 @@ async def test_keepalive_callbacks_are_answered_on_the_fast_path(serve: Callable
         assert headers["date"].endswith(" GMT")
         assert "connection" not in headers
     assert [orjson.loads(e.body)["msgKey"] for e in served.publisher.published] == ["k0", "k1", "k2"]
-    assert (served.front.served, served.front.handed_over) == (3, 0)
+    assert (served.front.served, served.front.handed_over, served.via_aiohttp) == (3, 0, 0)
 
 
 async def test_split_and_trickled_requests_stay_on_the_fast_path(serve: Callable[..., Awaitable[Served]]) -> None:
@@ -146,6 +154,26 @@ async def test_pipelined_requests_are_answered_in_order(serve: Callable[..., Awa
     assert served.front.served == 3
 
 
+async def test_a_client_far_ahead_is_throttled_not_buffered(serve: Callable[..., Awaitable[Served]]) -> None:
+    """400 pipelined callbacks (about 350 KiB) written before reading any answer: all are answered,
+    in order, while the relay buffers at most one request ahead (reading pauses, then resumes)."""
+    served = await serve()
+    reader, writer = await served.connect()
+    requests = [request(f"ahead-{i}") for i in range(400)]
+
+    async def send() -> None:
+        writer.write(b"".join(requests))
+        await writer.drain()
+
+    sending = asyncio.create_task(send())
+    answers = [await read_response(reader) for _ in requests]
+    await sending
+    assert {a[0] for a in answers} == {200}
+    keys = [orjson.loads(e.body)["msgKey"] for e in served.publisher.published]
+    assert keys == [f"ahead-{i}" for i in range(400)]
+    assert (served.front.served, served.front.handed_over) == (400, 0)
+
+
 async def test_other_requests_are_handed_to_aiohttp_on_the_same_connection(
     serve: Callable[..., Awaitable[Served]],
 ) -> None:
@@ -159,7 +187,7 @@ async def test_other_requests_are_handed_to_aiohttp_on_the_same_connection(
     assert "aiohttp" in headers["server"]  # answered by aiohttp
     writer.write(request("after"))  # aiohttp keeps serving the connection, callbacks included
     assert (await read_response(reader))[0] == 200
-    assert (served.front.served, served.front.handed_over) == (1, 1)
+    assert (served.front.served, served.front.handed_over, served.via_aiohttp) == (1, 1, 1)
     assert len(served.publisher.published) == 2
 
 
@@ -175,6 +203,7 @@ async def test_other_requests_are_handed_to_aiohttp_on_the_same_connection(
         pytest.param(request("dup-cl", headers="Content-Length: 5\r\n"), 400, id="two-content-lengths"),
         pytest.param(request("http10").replace(b"HTTP/1.1", b"HTTP/1.0", 1), 200, id="http-1.0"),
         pytest.param(request("escaped", path=target().replace("SdkAppid", "Sdk%41ppid")), 200, id="percent-escape"),
+        pytest.param(request("many", headers="X: y\r\n" * 130), 400, id="too-many-headers"),
         pytest.param(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n", 200, id="other-route"),
         pytest.param(f"POST {PATH} HTTP/1.1\r\nX: {'a' * 9000}\r\n\r\n".encode(), 400, id="long-head"),
     ],
@@ -277,6 +306,7 @@ async def test_fast_path_can_be_switched_off(serve: Callable[..., Awaitable[Serv
     writer.write(request("plain"))
     status, headers, _ = await read_response(reader)
     assert status == 200 and "aiohttp" in headers["server"]
+    assert served.via_aiohttp == 1
 
 
 plain_query = st.text(alphabet="abcAZ019._~=&:-", max_size=40)

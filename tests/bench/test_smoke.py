@@ -96,19 +96,21 @@ def test_smoke_run_measures_every_section(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "latest-smoke.json").read_text())
     assert result["errors"] == []
     assert result["checks_failed"] == []
-    for key in ("A", "R", "S"):
+    for key in ("A", "R", "RH", "S"):
         (row,) = result[key]["rows"]
         assert row["ok"] > 0, key
         assert row["latency_ms"]["p99"] > 0, key
     assert {r["variant"] for r in result["B"]["rows"]} == {"aio-pika", "aiormq", "raw"}
     assert result["R"]["rows"][0]["queue_check"] is True
     assert result["R"]["rows"][0]["spooled"] == 0
+    assert result["RH"]["rows"][0]["queue_check"] is True
+    assert result["ratios"]["per_connections"][0]["R/RH"] is not None
     assert result["S"]["rows"][0]["spool_check"] is True
     assert "rows" in result["RW"] or "skipped" in result["RW"]
     assert result["ratios"]["best"]["R/A"] is not None
 
     markdown = (tmp_path / "latest-smoke.md").read_text()
-    for heading in ("## Ratios", "## A ", "## B ", "## R ", "## S ", "## RW ", "## What else used the CPU"):
+    for heading in ("## Ratios", "## A ", "## B ", "## R ", "## RH ", "## S ", "## RW ", "## What else used the CPU"):
         assert heading in markdown
     assert len(list(tmp_path.glob("2*-smoke.json"))) == 1
     assert len(list(tmp_path.glob("2*-smoke.md"))) == 1
