@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -70,6 +70,8 @@ class Counters:
     confirmed: int = 0
     nacked: int = 0
     returned: int = 0
+    # Publish-to-confirm seconds, in confirm order (raw client only): the broker's own latency.
+    latencies: list[float] = field(default_factory=list)
 
 
 class Topology:
@@ -119,9 +121,10 @@ async def measure_window(counters: Counters, seconds: float, warmup: float, brok
     """Wait *warmup*, then count confirms over *seconds*; CPU of this process and the broker."""
     await asyncio.sleep(warmup)
     before = procstat.Snapshot.take()
-    c0, t0, p0 = counters.confirmed, time.perf_counter(), time.process_time()
+    c0, t0, p0, l0 = counters.confirmed, time.perf_counter(), time.process_time(), len(counters.latencies)
     await asyncio.sleep(seconds)
     c1, t1, p1 = counters.confirmed, time.perf_counter(), time.process_time()
+    latencies = sorted(counters.latencies[l0:])
     after = procstat.Snapshot.take()
     roles = {"broker": [broker_pid] if broker_pid else [], "client": [os.getpid()]}
     window = procstat.cpu_window(before, after, roles)
@@ -132,6 +135,12 @@ async def measure_window(counters: Counters, seconds: float, warmup: float, brok
         "window_confirms": confirmed,
         "client_cpu_us_per_msg": round(1e6 * (p1 - p0) / confirmed, 1) if confirmed else None,
         "broker_cpu_us_per_msg": round(1e6 * broker_cpu / confirmed, 1) if confirmed and broker_cpu else None,
+        "confirm_latency_ms": {
+            f"p{q}": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * q / 100))], 2)
+            for q in (50, 90, 99)
+        }
+        if latencies
+        else None,
         "cpu": window.as_dict(os.cpu_count() or 1),
     }
 
@@ -247,6 +256,7 @@ class RawAmqp(asyncio.Protocol):
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.early: set[int] = set()  # tags confirmed singly ahead of settled_tag
+        self.sent_at: list[float] = []  # perf_counter() of each publish, by delivery tag - 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
@@ -296,21 +306,27 @@ class RawAmqp(asyncio.Protocol):
 
     def _settle(self, tag: int, multiple: bool, *, ok: bool) -> None:
         early = self.early
+        now = time.perf_counter()
+        latencies, sent_at = self.counters.latencies, self.sent_at
         if multiple:
             count = tag - self.settled_tag
+            inside: set[int] = set()
             if early:
                 inside = {t for t in early if t <= tag}
                 count -= len(inside)
                 early -= inside
+            latencies += [now - sent_at[t - 1] for t in range(self.settled_tag + 1, tag + 1) if t not in inside]
             self.settled_tag = max(self.settled_tag, tag)
         elif tag == self.settled_tag + 1:
             count = 1
+            latencies.append(now - sent_at[tag - 1])
             self.settled_tag = tag
             while self.settled_tag + 1 in early:
                 self.settled_tag += 1
                 early.discard(self.settled_tag)
         elif tag > self.settled_tag:
             count = 1
+            latencies.append(now - sent_at[tag - 1])
             early.add(tag)
         else:
             count = 0
@@ -384,6 +400,7 @@ async def variant_raw(url: str, topo: Topology, window: int, envelopes: list[Env
             room = window - (counters.published - counters.confirmed - counters.nacked)
             if room > 0:
                 proto.transport.write(b"".join([encoded[(i + k) % n] for k in range(room)]))
+                proto.sent_at += [time.perf_counter()] * room
                 i += room
                 counters.published += room
                 await proto.can_write.wait()

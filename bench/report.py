@@ -240,6 +240,7 @@ def _broker_section(section: dict[str, Any] | None) -> list[str]:
             r["msgs_per_s"],
             r["client_cpu_us_per_msg"],
             r["broker_cpu_us_per_msg"],
+            _latency(r.get("confirm_latency_ms")),
             r["confirmed"],
             r["queued"],
             r["queue_check"],
@@ -255,6 +256,7 @@ def _broker_section(section: dict[str, Any] | None) -> list[str]:
             "confirmed msg/s",
             "client CPU µs/msg",
             "broker CPU µs/msg",
+            "confirm p50 / p99 ms",
             "confirmed",
             "queued",
             "queue ≥ confirmed",
@@ -268,9 +270,15 @@ def _broker_section(section: dict[str, Any] | None) -> list[str]:
         f"Best: **{best['variant']}** with {best['window']} in flight, {_fmt(best['msgs_per_s'])} msg/s. Messages: "
         f"{first.get('body_bytes')} B body, {first.get('frames_bytes')} B on the wire with properties and "
         "CloudEvents headers, persistent, mandatory, to a topic exchange bound to one quorum queue. "
-        "`raw` = asyncio protocol + pamqp-encoded frames, pipelined, acks by delivery tag (`multiple`).",
+        "`raw` = asyncio protocol + pamqp-encoded frames, pipelined, acks by delivery tag (`multiple`). "
+        "Confirm latency (raw only) is publish-to-confirm as the client sees it: with 16 in flight it is the "
+        "broker's share of R's latency at 16 connections.",
     ]
     return lines
+
+
+def _latency(value: dict[str, float] | None) -> str:
+    return f"{value['p50']} / {value['p99']}" if value else "–"
 
 
 def _cpu_section(result: dict[str, Any]) -> list[str]:

@@ -489,7 +489,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--broker-runs",
         default=None,
-        help="B client/window pairs (aio-pika/1024,aiormq/1024,raw/256,raw/1024,raw/4096; smoke: each at 256)",
+        help="B client/window pairs (aio-pika/1024,aiormq/1024,raw/16,raw/64,raw/256,raw/1024,raw/4096; "
+        "smoke: each at 256)",
     )
     parser.add_argument("--workers", type=int, default=1, help="also run R against `relay serve --workers N` (RW)")
     parser.add_argument("--unsigned", action="store_true", help="configure the app without a token (no Sign check)")
@@ -506,9 +507,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     smoke = args.smoke
     connections = args.connections or ("16" if smoke else "16,64,256")
-    runs = args.broker_runs or (
-        "aio-pika/256,aiormq/256,raw/256" if smoke else "aio-pika/1024,aiormq/1024,raw/256,raw/1024,raw/4096"
-    )
+    full_runs = "aio-pika/1024,aiormq/1024,raw/16,raw/64,raw/256,raw/1024,raw/4096"
+    runs = args.broker_runs or ("aio-pika/256,aiormq/256,raw/256" if smoke else full_runs)
     broker_runs = []
     for item in runs.split(","):
         variant, _, window = item.strip().partition("/")
