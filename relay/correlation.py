@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from relay.events import RevokeEvent
+from relay.events import Enrichment, RevokeEvent
 from relay.metrics import Metrics
 from relay.sends import SendRecord, correlation_key
 
@@ -207,6 +207,12 @@ class Enricher:
         if self.store is not None and records:
             self.store.submit(records)
 
+    @property
+    def unmatched(self) -> Enrichment:
+        """What an event says when no send record is found for it: ``normalize`` marks events so
+        from the start, and most events then need no copy here."""
+        return "disabled" if self.store is None else "miss"
+
     async def enrich(self, events: Sequence[RevokeEvent]) -> list[RevokeEvent]:
         if not events:
             return []
@@ -238,9 +244,9 @@ class Enricher:
             enriched.append(apply(event, record, evidence=self._evidence))
         return enriched
 
-    def _mark(self, events: Sequence[RevokeEvent], result: str) -> list[RevokeEvent]:
+    def _mark(self, events: Sequence[RevokeEvent], result: Enrichment) -> list[RevokeEvent]:
         self._metrics.child(self._metrics.correlation_lookups, result).inc(len(events))
-        return [replace(e, enrichment=result) for e in events]  # type: ignore[arg-type]
+        return [e if e.enrichment == result else replace(e, enrichment=result) for e in events]
 
 
 def apply(event: RevokeEvent, record: SendRecord, *, evidence: bool) -> RevokeEvent:

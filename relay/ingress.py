@@ -178,7 +178,7 @@ class CallbackHandler:
                 records = parse_send(body, query, evidence=self.evidence, evidence_max_bytes=self.evidence_max_bytes)
                 self.enricher.record(records)
                 return OK, command, "accepted"
-            result = normalize(body, query, received_at_ms)
+            result = normalize(body, query, received_at_ms, enrichment=self.enricher.unmatched)
         except Rejection as rejection:
             return self._reject(rejection, peer, command), command, "rejected"
 

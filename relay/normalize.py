@@ -23,7 +23,7 @@ import orjson
 
 from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.errors import Reject, Rejection
-from relay.events import Conversation, Operator, RevokeEvent, event_id
+from relay.events import Conversation, Enrichment, Operator, RevokeEvent, event_id
 
 # Tencent's REST recall takes at most 10 messages per call; 1,000 leaves ample room for any
 # future batching while bounding the work one request can cause.
@@ -79,11 +79,14 @@ def resolve_command(query: CallbackQuery, body: Mapping[str, object]) -> str:
     return command
 
 
-def normalize(body: bytes, query: CallbackQuery, received_at_ms: int) -> Normalized:
-    """Turn one recall callback into one event per recalled message."""
+def normalize(
+    body: bytes, query: CallbackQuery, received_at_ms: int, *, enrichment: Enrichment = "disabled"
+) -> Normalized:
+    """Turn one recall callback into one event per recalled message, each marked *enrichment*
+    (what it says until an enricher finds a send record for it)."""
     data = parse_object(body)
     command = resolve_command(query, data)
-    builder = _Builder(data, query, command, received_at_ms)
+    builder = _Builder(data, query, command, received_at_ms, enrichment)
     if command == C2C_RECALL:
         return builder.c2c()
     if command == GROUP_RECALL:
@@ -122,7 +125,15 @@ def _as_int(raw: object) -> int | None:
 class _Builder:
     """Reads one callback body; collects anomalies while building events."""
 
-    def __init__(self, data: Mapping[str, object], query: CallbackQuery, command: str, received_at_ms: int) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, object],
+        query: CallbackQuery,
+        command: str,
+        received_at_ms: int,
+        enrichment: Enrichment = "disabled",
+    ) -> None:
+        self.enrichment = enrichment
         self.data = data
         self.query = query
         self.command = command
@@ -220,6 +231,7 @@ class _Builder:
             client_ip=self.client_ip,
             event_time_ms=self.event_time_ms,
             received_at_ms=self.received_at_ms,
+            enrichment=self.enrichment,
             server_key=server_key,
         )
 
