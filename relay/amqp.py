@@ -379,20 +379,23 @@ class Connection(asyncio.Protocol):
 
     # -- setup -------------------------------------------------------------------------------------
 
-    async def _expect(self, reply: type[Frame], timeout: float) -> Frame:
+    def _expect(self, reply: type[Frame]) -> asyncio.Future[Frame]:
+        """Register for *reply* now, before sending what it answers: a reply read before the
+        caller is scheduled again must still find its waiter (else it is dropped, and the broker
+        closes the connection with handshake_timeout)."""
         future: asyncio.Future[Frame] = self._loop.create_future()
         self._waiter = (reply, future)
-        async with asyncio.timeout(timeout):
-            return await future
+        return future
 
     async def handshake(
         self, user: str, password: str, vhost: str, heartbeat_s: int, name: str, timeout: float
     ) -> None:
         assert self._transport is not None
-        start = asyncio.ensure_future(self._expect(commands.Connection.Start, timeout))
+        start = self._expect(commands.Connection.Start)
         self._transport.write(header.ProtocolHeader().marshal())
-        await start
-        tune_waiter = asyncio.ensure_future(self._expect(commands.Connection.Tune, timeout))
+        async with asyncio.timeout(timeout):
+            await start
+        tune_waiter = self._expect(commands.Connection.Tune)
         self._send(
             commands.Connection.StartOk(
                 client_properties={
@@ -410,7 +413,8 @@ class Connection(asyncio.Protocol):
             ),
             0,
         )
-        tune = await tune_waiter
+        async with asyncio.timeout(timeout):
+            tune = await tune_waiter
         assert isinstance(tune, commands.Connection.Tune)
         self.frame_max = min(tune.frame_max or 131072, 131072)
         self.heartbeat = (

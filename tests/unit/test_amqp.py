@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pamqp import body, commands, frame, header
@@ -224,3 +224,55 @@ async def test_settled_publishes_leave_no_bookkeeping(conn: tuple[amqp.Connectio
     for future in [*futures, late]:
         future.exception()  # retrieve
     assert 0 == connection.tracked
+
+
+class InstantBroker(FakeTransport):
+    """A broker that answers each handshake step inside ``write()``: the reply is read before the
+    client's coroutine runs again, the order a fast broker and a busy event loop can produce."""
+
+    REPLIES: ClassVar[dict[type, tuple[Any, int]]] = {
+        commands.Connection.StartOk: (commands.Connection.Tune(channel_max=0, frame_max=131072, heartbeat=60), 0),
+        commands.Connection.Open: (commands.Connection.OpenOk(), 0),
+        commands.Channel.Open: (commands.Channel.OpenOk(), amqp.CHANNEL),
+        commands.Confirm.Select: (commands.Confirm.SelectOk(), amqp.CHANNEL),
+    }
+
+    def __init__(self, connection: amqp.Connection) -> None:
+        super().__init__()
+        self.connection = connection
+        self.seen: list[str] = []
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        data = bytes(data)
+        if data.startswith(b"AMQP"):
+            self.seen.append("ProtocolHeader")
+            self._reply(commands.Connection.Start(), 0)
+            return
+        for value in frames(data):
+            self.seen.append(value.name)
+            if type(value) in self.REPLIES:
+                self._reply(*self.REPLIES[type(value)])
+
+    def _reply(self, value: Any, channel: int) -> None:
+        self.connection.data_received(frame.marshal(value, channel))
+
+
+async def test_handshake_finds_replies_that_arrive_before_it_awaits_them() -> None:
+    """Regression: the client used to register for Tune in a task that had not run yet when the
+    broker's Tune was read; the frame was dropped and RabbitMQ closed the connection after 10 s
+    ({handshake_timeout,frame_header}), which showed as a relay that never became broker-ready."""
+    connection = amqp.Connection(asyncio.get_running_loop())
+    broker = InstantBroker(connection)
+    connection.connection_made(broker)
+    await connection.handshake("guest", "guest", "/", 5, "test", timeout=2)
+    assert broker.seen == [
+        "ProtocolHeader",
+        "Connection.StartOk",
+        "Connection.TuneOk",
+        "Connection.Open",
+        "Channel.Open",
+        "Confirm.Select",
+    ]
+    assert connection.heartbeat == 5
+    connection.abort()
