@@ -204,7 +204,11 @@ class CallbackHandler:
             spooled = dispatched.spooled
             failure = dispatched.publish_failure
             if failure is not None:
-                log.warning(
+                # With the broker known to be down every callback is spooled: its state is logged
+                # once (relay.broker_disconnected) and counted; a line per callback would flood the
+                # logs for the length of the outage. Failures against a live broker stay warnings.
+                emit = log.debug if failure.reason == "disconnected" else log.warning
+                emit(
                     "relay.publish_failed",
                     command=command,
                     reason=failure.reason,

@@ -228,9 +228,28 @@ async def test_publish_failure_spools_and_answers_200(
     assert 1 == spool.events
     assert 1 == metric(registry, "relay_events_spooled_total")
     (failed,) = [e for e in logs if e["event"] == "relay.publish_failed"]
-    assert (failed["reason"], failed["in_doubt"], failed["spooled"]) == ("timeout", True, 1)
+    assert (failed["log_level"], failed["reason"], failed["in_doubt"], failed["spooled"]) == (
+        "warning",
+        "timeout",
+        True,
+        1,
+    )
     (accepted,) = [e for e in logs if e["event"] == "relay.callback_accepted"]
     assert 1 == accepted["spooled"]
+
+
+async def test_callbacks_spooled_while_the_broker_is_down_log_at_debug(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
+) -> None:
+    """During an outage every callback is spooled; one warning each would flood the logs."""
+    publisher.ready_flag = False
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert (await post(client, url(C2C_RECALL), sample_body("c2c")))[0] == 200
+    failed = [e for e in logs if e["event"] == "relay.publish_failed"]
+    assert [(e["log_level"], e["reason"], e["spooled"]) for e in failed] == [("debug", "disconnected", 1)] * 3
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")]
 
 
 async def test_only_the_unconfirmed_item_is_spooled(
