@@ -166,6 +166,13 @@ def markdown(result: dict[str, Any]) -> str:
         out += _http_section(
             result.get("RW"), ["200s", "queued", "queue ≥ 200s"], ["ok", "queued", "queue_check"], server="relay tree"
         )
+    if "SW" in result:
+        workers = (result["SW"] or {}).get("workers", c["workers"])
+        out += ["", f"## SW — spool path with {workers} worker processes (one spool each)", ""]
+        columns = ["200s", "spooled", "spooled ≥ 200s"], ["ok", "spooled", "spool_check"]
+        out += _http_section(result.get("SW"), *columns, server="relay tree")
+        sw = [f"c={p['connections']}: {_ratio(p.get('SW/A'))}" for p in result["ratios"]["per_connections"]]
+        out += ["", f"SW/A: {', '.join(sw)}."]
     if "W" in result:
         out += ["", "## W — after-send callbacks recorded for enrichment: embedded store vs Redis", ""]
         out += _sends_section(result.get("W"))
@@ -283,7 +290,7 @@ def _latency(value: dict[str, float] | None) -> str:
 
 def _cpu_section(result: dict[str, Any]) -> list[str]:
     rows = []
-    for key in ("A", "B", "R", "RH", "S", "RW", "W"):
+    for key in ("A", "B", "R", "RH", "S", "RW", "SW", "W"):
         section = result.get(key) or {}
         for r in section.get("rows", []):
             cpu = r.get("cpu") or {}

@@ -49,7 +49,7 @@ from relay.sends import C2C_SEND
 ROOT = Path(__file__).resolve().parents[1]
 APP = "1400000001"
 TOKEN = "bench-callback-token"  # the relay verifies Sign = sha256(token + RequestTime) on every callback
-MEASUREMENTS = ("A", "B", "R", "RH", "S", "RW", "W")
+MEASUREMENTS = ("A", "B", "R", "RH", "S", "RW", "SW", "W")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -242,16 +242,22 @@ def measure_relay_aiohttp(cfg: Config, ctx: Context) -> dict[str, Any]:
     return result
 
 
-def measure_spool(cfg: Config, ctx: Context) -> dict[str, Any]:
+def measure_spool(cfg: Config, ctx: Context, *, workers: int = 1, label: str = "S") -> dict[str, Any]:
     """S: the spool path — broker unreachable, so every 200 is a durable (fsync'd) spool write."""
     rows = []
     for connections in cfg.connections:
-        with Relay(APP, TOKEN if cfg.signed else None, spool_only=True, src=cfg.relay_src) as relay:
+        with Relay(APP, TOKEN if cfg.signed else None, spool_only=True, workers=workers, src=cfg.relay_src) as relay:
             row = http_run(cfg, ctx, relay, connections)
-            relay_checks(ctx, relay, row, "S")
+            relay_checks(ctx, relay, row, label)
         rows.append(row)
-        progress("S", row)
-    return {"what": "relay with RELAY_AMQP_URL on a closed port: every event spooled (SQLite, fsync)", "rows": rows}
+        progress(label, row)
+    what = "relay with RELAY_AMQP_URL on a closed port: every event spooled (SQLite, fsync)"
+    return {"what": what + (f"; --workers {workers}" if workers > 1 else ""), "workers": workers, "rows": rows}
+
+
+def measure_spool_workers(cfg: Config, ctx: Context) -> dict[str, Any]:
+    """SW: S against N relay processes (``relay serve --workers N``), one spool each."""
+    return measure_spool(cfg, ctx, workers=cfg.workers, label="SW")
 
 
 def measure_relay_workers(cfg: Config, ctx: Context) -> dict[str, Any]:
@@ -362,7 +368,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         section = results.get(key) or {}
         return {r["connections"]: r["ok_rps"] for r in section.get("rows", [])}
 
-    a, r, s, rw, rh = by_conn("A"), by_conn("R"), by_conn("S"), by_conn("RW"), by_conn("RH")
+    a, r, s, rw, rh, sw = by_conn("A"), by_conn("R"), by_conn("S"), by_conn("RW"), by_conn("RH"), by_conn("SW")
     b = ((results.get("B") or {}).get("best") or {}).get("msgs_per_s")
 
     def ratio(x: float | None, y: float | None) -> float | None:
@@ -378,6 +384,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
                 "S/A": ratio(s.get(c), a.get(c)),
                 "RW/A": ratio(rw.get(c), a.get(c)) if rw else None,
                 "R/RH": ratio(r.get(c), rh.get(c)) if rh else None,
+                "SW/A": ratio(sw.get(c), a.get(c)) if sw else None,
             }
         )
 
@@ -432,6 +439,7 @@ def run(cfg: Config) -> int:
     ]
     if cfg.workers > 1:
         steps.append(("RW", measure_relay_workers))
+        steps.append(("SW", measure_spool_workers))
     if "W" in cfg.only:
         steps.append(("W", measure_sends))
     errors = []
@@ -497,7 +505,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--no-verify-ids", action="store_true", help="skip reading R's queue back to check every eventID is distinct"
     )
-    parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run (A,B,R,RH,S,RW,W)")
+    parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run (A,B,R,RH,S,RW,SW,W)")
     parser.add_argument(
         "--relay-rev",
         default=None,
