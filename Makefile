@@ -42,7 +42,7 @@ ops: $(STAMP)
 # The performance benchmark (A: bare HTTP, B: broker ceiling, R: relay, S: spool path) → bench/results/.
 bench: $(STAMP)
 	./bench/ensure-tools.sh
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --workers 2
 
 # The fault scenarios at full length (30 s outages) with the results table.
 faults: $(STAMP)

@@ -29,6 +29,10 @@ log = structlog.get_logger()
 KEY_PREFIX = "revoke-relay:send:"
 _BATCH = 512
 _QUEUE_LIMIT = 20_000
+# A send callback whose records find the write queue full waits this long for room before they
+# are dropped: under a burst the callbacks slow down to the store's pace instead of losing
+# records (Tencent waits 2 s for an answer and ignores it for after-send callbacks).
+_SUBMIT_WAIT = 1.0
 _BREAKER_SECONDS = 1.0
 
 
@@ -40,8 +44,8 @@ class CorrelationStore(Protocol):
 
     async def close(self) -> None: ...
 
-    def submit(self, records: Sequence[SendRecord]) -> None:
-        """Record without waiting; may drop (counted) when the store cannot keep up."""
+    async def submit(self, records: Sequence[SendRecord]) -> None:
+        """Record; when the store is behind, wait a bounded time for room, then drop (counted)."""
 
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
         """One round trip for all *keys*; raises on store failure."""
@@ -69,7 +73,7 @@ class MemoryStore:
     async def close(self) -> None:
         self._data.clear()
 
-    def submit(self, records: Sequence[SendRecord]) -> None:
+    async def submit(self, records: Sequence[SendRecord]) -> None:
         expires = self._clock() + self._ttl
         for record in records:
             self._data.pop(record.key, None)
@@ -122,11 +126,18 @@ class RedisStore:
                 await self._writer
         await self._client.aclose()
 
-    def submit(self, records: Sequence[SendRecord]) -> None:
+    async def submit(self, records: Sequence[SendRecord], wait: float = _SUBMIT_WAIT) -> None:
+        deadline: float | None = None
         for record in records:
-            try:
+            if not self._queue.full():
                 self._queue.put_nowait(record)
-            except asyncio.QueueFull:
+                continue
+            # Behind by _QUEUE_LIMIT records: wait for the writer (FIFO among waiters), bounded.
+            deadline = deadline or asyncio.get_running_loop().time() + wait
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._queue.put(record)
+            except TimeoutError:
                 self._metrics.correlation_dropped.inc()
 
     async def _write_loop(self) -> None:
@@ -203,9 +214,9 @@ class Enricher:
         self._evidence = evidence
         self._open_until = 0.0  # circuit breaker: skip lookups briefly after a failure
 
-    def record(self, records: Sequence[SendRecord]) -> None:
+    async def record(self, records: Sequence[SendRecord]) -> None:
         if self.store is not None and records:
-            self.store.submit(records)
+            await self.store.submit(records)
 
     @property
     def unmatched(self) -> Enrichment:

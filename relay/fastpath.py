@@ -99,7 +99,9 @@ def parse_head(head: bytes, path: bytes) -> _Head | None:
         elif name in (b"transfer-encoding", b"expect", b"upgrade"):
             return None
         elif name == b"x-forwarded-for":
-            forwarded_for.append(value.strip(b" \t").decode("latin-1"))
+            if not value.isascii():
+                return None  # aiohttp's decoding of it is the one the source policy has seen
+            forwarded_for.append(value.strip(b" \t").decode())
     if length is None:
         return None
     return _Head(query, forwarded_for, length, close)

@@ -173,10 +173,11 @@ class CallbackHandler:
                 if command not in RECALL_COMMANDS and not self._records(command):
                     return self._ignored(command), command, "ignored"
             if command in SEND_COMMANDS:
-                # Recorded for later enrichment, answered at once: the store write happens in the
-                # background and never delays (or fails) a send callback.
+                # Recorded for later enrichment and answered OK: the store write happens in the
+                # background and never fails a send callback; it delays one (at most 1 s) only
+                # while the Redis writer is 20,000 records behind.
                 records = parse_send(body, query, evidence=self.evidence, evidence_max_bytes=self.evidence_max_bytes)
-                self.enricher.record(records)
+                await self.enricher.record(records)
                 return OK, command, "accepted"
             result = normalize(body, query, received_at_ms, enrichment=self.enricher.unmatched)
         except Rejection as rejection:

@@ -204,6 +204,7 @@ async def test_other_requests_are_handed_to_aiohttp_on_the_same_connection(
         pytest.param(request("http10").replace(b"HTTP/1.1", b"HTTP/1.0", 1), 200, id="http-1.0"),
         pytest.param(request("escaped", path=target().replace("SdkAppid", "Sdk%41ppid")), 200, id="percent-escape"),
         pytest.param(request("many", headers="X: y\r\n" * 130), 400, id="too-many-headers"),
+        pytest.param(request("xff", headers="X-Forwarded-For: 203.0.113.\u00e9\r\n"), 200, id="non-ascii-xff"),
         pytest.param(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n", 200, id="other-route"),
         pytest.param(f"POST {PATH} HTTP/1.1\r\nX: {'a' * 9000}\r\n\r\n".encode(), 400, id="long-head"),
     ],

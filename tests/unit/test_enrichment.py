@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
-from relay.correlation import Enricher, MemoryStore
+from relay.correlation import Enricher, MemoryStore, RedisStore
 from relay.errors import Reject, Rejection
 from relay.events import RevokeEvent
 from relay.metrics import Metrics
@@ -96,7 +96,7 @@ def enricher(*, evidence: bool = False, ttl: float = 60, clock: Clock | None = N
 
 
 async def enrich(e: Enricher, sent: Sequence[SendRecord], events: Sequence[RevokeEvent]) -> list[dict[str, Any]]:
-    e.record(sent)
+    await e.record(sent)
     return [x.to_dict() for x in await e.enrich(events)]
 
 
@@ -176,7 +176,7 @@ async def test_topic_messages_are_keyed_per_topic() -> None:
     """The same MsgSeq in another topic is another message: no false hit across topics."""
     topic = "@TGS#2SAMPLE@TOPIC#_t1"
     e = enricher()
-    e.record(sends({**GROUP_SENT, "TopicId": topic}))
+    await e.record(sends({**GROUP_SENT, "TopicId": topic}))
     hit, miss = await e.enrich(recalls(group_recall("u_carol", topic=topic)) + recalls(group_recall("u_carol")))
     assert ("hit", "miss") == (hit.enrichment, miss.enrichment)
 
@@ -224,7 +224,7 @@ async def test_entries_expire_after_the_ttl() -> None:
     """A send record older than RELAY_CORRELATION_TTL no longer enriches."""
     clock = Clock()
     e = enricher(ttl=10, clock=clock)
-    e.record(sends(C2C_SENT))
+    await e.record(sends(C2C_SENT))
     clock.now += 11
     assert ["miss"] == [x.enrichment for x in await e.enrich(recalls(c2c_recall()))]
 
@@ -263,12 +263,12 @@ async def test_memory_store_is_bounded() -> None:
     """The embedded store keeps at most RELAY_CORRELATION_MAX_ENTRIES, dropping the oldest."""
     metrics = Metrics(CollectorRegistry())
     store = MemoryStore(60, 3, metrics)
-    store.submit([SendRecord(f"k{i}", None, "u", None) for i in range(5)])
+    await store.submit([SendRecord(f"k{i}", None, "u", None) for i in range(5)])
     assert 3 == len(store)
     assert [None, None, b'{"m":null,"s":"u","t":null}'] == await store.lookup(["k0", "k1", "k4"])
 
 
-def test_memory_store_holds_records_compactly() -> None:
+async def test_memory_store_holds_records_compactly() -> None:
     """10,000 records cost well under 500 bytes each (orjson's oversized buffers are not kept)."""
     import tracemalloc
 
@@ -279,8 +279,30 @@ def test_memory_store_holds_records_compactly() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        store.submit(records)
+        await store.submit(records)
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert used / 10_000 < 500, used / 10_000
+
+
+async def test_redis_writer_falling_behind_slows_send_callbacks_instead_of_dropping() -> None:
+    """A full write queue makes submit wait for room (FIFO); only past the wait is a record dropped."""
+    metrics = Metrics(CollectorRegistry())
+    store = RedisStore("redis://127.0.0.1:1", 60, metrics)  # never connected: the queue is what is tested
+    store._queue = asyncio.Queue(2)
+    await store.submit([SendRecord("k1", None, "u", None), SendRecord("k2", None, "u", None)])
+    waiting = asyncio.create_task(store.submit([SendRecord("k3", None, "u", None)], wait=5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the queue is full: the send callback waits
+    assert "k1" == store._queue.get_nowait().key  # the writer takes one
+    await asyncio.wait_for(waiting, 1)
+    assert ["k2", "k3"] == [store._queue.get_nowait().key for _ in range(2)]
+    assert metrics.registry.get_sample_value("relay_correlation_dropped_total") == 0
+
+    await store.submit([SendRecord(f"f{i}", None, "u", None) for i in range(2)])
+    started = asyncio.get_running_loop().time()
+    await store.submit([SendRecord("late", None, "u", None)], wait=0.2)
+    assert 0.15 < asyncio.get_running_loop().time() - started < 1
+    assert metrics.registry.get_sample_value("relay_correlation_dropped_total") == 1
+    await store.close()
