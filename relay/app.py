@@ -27,7 +27,7 @@ from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
 from relay.spool import Spool
-from relay.workers import merged_metrics
+from relay.workers import merged_metrics, peer_readiness
 
 CALLBACK_PATH = "/tencent-im/callback"
 log = structlog.get_logger()
@@ -127,16 +127,23 @@ async def _correlation_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-def local_metrics_app(metrics: Metrics) -> web.Application:
-    """The worker's own metrics, unmerged, for its peers (served on a unix socket)."""
+def local_app(relay_app: web.Application) -> web.Application:
+    """What a worker tells its peers (served on a unix socket): its own, unmerged metrics and
+    readiness, so any worker can answer for the whole pod."""
+    metrics = relay_app[METRICS]
 
-    async def own(_: web.Request) -> web.Response:
+    async def own_metrics(_: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(metrics.registry))
         response.content_type = "text/plain"
         return response
 
+    async def own_readiness(_: web.Request) -> web.Response:
+        ready, body = readiness(relay_app)
+        return _json(body, 200 if ready else 503)
+
     app = web.Application()
-    app.router.add_get("/metrics", own)
+    app.router.add_get("/metrics", own_metrics)
+    app.router.add_get("/readyz", own_readiness)
     return app
 
 
@@ -192,27 +199,42 @@ async def healthz(_: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 only while a callback would be made safe right now (broker or spool)."""
-    app = request.app
+def readiness(app: web.Application) -> tuple[bool, dict[str, object]]:
+    """This process's readiness and the body that reports it."""
     draining = app[LIFECYCLE].draining
     spool = app[SPOOL]
     ready = app[DISPATCHER].ready and not draining
-    return _json(
-        {
-            "status": "ready" if ready else "not_ready",
-            "broker": app[PUBLISHER].ready,
-            "spool": {
-                "available": spool.available,
-                "has_room": spool.has_room,
-                "events": spool.events,
-                "bytes": spool.bytes,
-                "oldest_age_seconds": round(spool.oldest_age(), 3),
-            },
-            "draining": draining,
+    return ready, {
+        "status": "ready" if ready else "not_ready",
+        "broker": app[PUBLISHER].ready,
+        "spool": {
+            "available": spool.available,
+            "has_room": spool.has_room,
+            "events": spool.events,
+            "bytes": spool.bytes,
+            "oldest_age_seconds": round(spool.oldest_age(), 3),
         },
-        200 if ready else 503,
-    )
+        "draining": draining,
+    }
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only while a callback would be made safe right now (broker or spool).
+
+    Under ``--workers N`` the kernel may hand the next callback to any worker, so the pod is ready
+    only while every running worker is: each peer is asked over its unix socket. A peer whose
+    socket is gone is restarting and receives no connections, so it does not count; one that
+    does not answer within a second does (its listening socket still takes connections)."""
+    app = request.app
+    ready, body = readiness(app)
+    worker = app[WORKER]
+    if worker and worker[1] > 1:
+        peers = await peer_readiness(worker[0], worker[1], app[SETTINGS].port)
+        states = {str(worker[0]): body["status"], **{str(i): state for i, state in peers.items()}}
+        body["workers"] = dict(sorted(states.items()))
+        ready = ready and all(state in ("ready", "absent") for state in peers.values())
+        body["status"] = "ready" if ready else "not_ready"
+    return _json(body, 200 if ready else 503)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
-from relay.app import LIFECYCLE, METRICS, create_app, local_metrics_app, make_runner
+from relay.app import LIFECYCLE, METRICS, create_app, local_app, make_runner
 from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
@@ -95,7 +95,7 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     if worker is not None:
         path = socket_path(settings.port, worker[0])
         path.unlink(missing_ok=True)
-        local = web.AppRunner(local_metrics_app(app[METRICS]), access_log=None, handle_signals=False)
+        local = web.AppRunner(local_app(app), access_log=None, handle_signals=False)
         await local.setup()
         await web.UnixSite(local, str(path)).start()
     log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)

@@ -6,7 +6,8 @@ the spool lock allows one process per directory). The supervisor only starts wor
 that dies, forwards SIGTERM/SIGINT and waits; it exits 0 when every worker shut down cleanly.
 
 Any worker's ``/metrics`` merges every worker's metrics, each sample labelled ``worker``, so a scrape
-sees the whole pod whichever worker answers (sum by … without (worker) in queries).
+sees the whole pod whichever worker answers (sum by … without (worker) in queries); any worker's
+``/readyz`` is 200 only while every running worker is ready.
 """
 
 from __future__ import annotations
@@ -50,19 +51,25 @@ def socket_path(port: int, index: int) -> Path:
 
 def supervise(count: int, argv: list[str]) -> int:
     """Run *count* workers until SIGTERM/SIGINT; restart any that exits on its own."""
-    stopping = False
     workers: dict[int, subprocess.Popen[bytes]] = {}
+    stop_signal: int | None = None
+    signalled: set[int] = set()  # PIDs the stop signal was forwarded to
 
     def start(index: int) -> None:
         env = {**os.environ, WORKER_ENV: f"{index}/{count}"}
         workers[index] = subprocess.Popen([sys.executable, "-m", "relay", *argv], env=env)  # noqa: S603
 
-    def stop(signum: int, _: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def forward() -> None:
+        assert stop_signal is not None
         for proc in workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            if proc.poll() is None and proc.pid not in signalled:
+                signalled.add(proc.pid)
+                proc.send_signal(stop_signal)
+
+    def stop(signum: int, _: object) -> None:
+        nonlocal stop_signal
+        stop_signal = signum
+        forward()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -72,16 +79,19 @@ def supervise(count: int, argv: list[str]) -> int:
     codes: dict[int, int] = {}
     while len(codes) < count:
         time.sleep(0.2)
+        if stop_signal is not None:
+            forward()  # a worker started while the signal was being handled gets it too
         for index, proc in workers.items():
             code = proc.poll()
             if code is None or index in codes:
                 continue
-            if stopping:
-                codes[index] = code
-            else:
+            if stop_signal is None:
                 log.error("relay.worker_exited", worker=index, code=code, restart_in=_RESTART_DELAY)
                 time.sleep(_RESTART_DELAY)
-                start(index)
+            if stop_signal is not None:  # stopping (perhaps since the delay began): no restart
+                codes[index] = code
+                continue
+            start(index)
     log.info("relay.workers_stopped", codes=codes)
     return 0 if all(code == 0 for code in codes.values()) else 1
 
@@ -92,6 +102,30 @@ class _Merged(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._families
+
+
+async def peer_readiness(index: int, count: int, port: int) -> dict[int, str]:
+    """Each other worker's readiness: ``ready``, ``not_ready``, ``not_answering`` (no answer within
+    1 s: hung or overloaded) or ``absent`` (no socket: restarting, so receiving no connections)."""
+    states: dict[int, str] = {}
+
+    async def ask(peer: int) -> None:
+        path = socket_path(port, peer)
+        connector = aiohttp.UnixConnector(path=str(path))
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1)) as session,
+                session.get("http://worker/readyz") as response,
+            ):
+                states[peer] = "ready" if response.status == 200 else "not_ready"
+        except aiohttp.ClientConnectorError as exc:
+            refused = isinstance(exc.os_error, (FileNotFoundError, ConnectionRefusedError))
+            states[peer] = "absent" if refused else "not_answering"
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            states[peer] = "not_answering"
+
+    await asyncio.gather(*(ask(peer) for peer in range(count) if peer != index))
+    return states
 
 
 async def merged_metrics(own: bytes, index: int, count: int, port: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,9 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +105,60 @@ def test_a_crashed_worker_is_restarted(workers: tuple[subprocess.Popen[bytes], i
         assert time.monotonic() < deadline, "worker was not restarted"
         time.sleep(0.2)
     assert 200 == post(port)
+
+
+def readiness(port: int) -> tuple[int, dict[str, Any]] | None:
+    """/readyz status and body, or None when the connection landed on a worker that did not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read())
+    except OSError:
+        return None
+
+
+def worker_pids(proc: subprocess.Popen[bytes]) -> dict[str, int]:
+    """worker index -> PID, from each child's RELAY_WORKER."""
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True)
+    pids = {}
+    for pid in map(int, children.stdout.split()):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        slot = next(v for v in environ if v.startswith(b"RELAY_WORKER="))
+        pids[slot.split(b"=", 1)[1].decode().partition("/")[0]] = pid
+    return pids
+
+
+def test_readiness_covers_every_worker(workers: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+    """Any worker's /readyz speaks for the pod: 503 while a peer hangs (it still takes connections),
+    200 again once it answers, and 200 while a dead peer (no connections) is being restarted."""
+    proc, port, _ = workers
+    status, body = readiness(port) or (0, {})
+    assert (status, body.get("workers")) == (200, {"0": "ready", "1": "ready"})
+    pids = worker_pids(proc)
+    os.kill(pids["1"], signal.SIGSTOP)
+    try:
+        answers: list[tuple[int, dict[str, Any]]] = []
+        deadline = time.monotonic() + 60
+        while len(answers) < 2:  # connections that land on the stopped worker time out: skip them
+            assert time.monotonic() < deadline, "worker 0 never answered"
+            if (answer := readiness(port)) is not None:
+                answers.append(answer)
+        assert [(s, b["status"], b["workers"]) for s, b in answers] == [
+            (503, "not_ready", {"0": "ready", "1": "not_answering"})
+        ] * 2
+    finally:
+        os.kill(pids["1"], signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while (answer := readiness(port)) is None or answer[0] != 200:
+        assert time.monotonic() < deadline, f"not ready again: {answer}"
+        time.sleep(0.2)
+
+    os.kill(pids["1"], signal.SIGKILL)
+    time.sleep(0.3)  # the supervisor restarts it after 1 s
+    status, body = readiness(port) or (0, {})
+    assert (status, body.get("workers")) == (200, {"0": "ready", "1": "absent"})
+    # SIGTERM while the supervisor waits to restart worker 1: it must not start a worker that no
+    # one would stop. It exits; 1 because a worker had crashed.
+    proc.send_signal(signal.SIGTERM)
+    assert 1 == proc.wait(30)
