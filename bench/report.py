@@ -17,6 +17,14 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+# Extra columns (heading, row key) of the relay and spool sections.
+_RELAY_COLUMNS = (
+    ["200s", "queued", "queue ≥ 200s", "distinct eventIDs read back", "spooled"],
+    ["ok", "queued", "queue_check", "distinct_ids", "spooled"],
+)
+_SPOOL_COLUMNS = (["200s", "spooled", "spooled ≥ 200s"], ["ok", "spooled", "spool_check"])
+
+
 def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -146,20 +154,12 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "## B — broker ceiling: confirmed persistent publishes of relay events to a quorum queue", ""]
     out += _broker_section(result.get("B"))
     out += ["", "## R — relay end to end: signed callbacks, each 200 backed by a broker confirm", ""]
-    out += _http_section(
-        result.get("R"),
-        ["200s", "queued", "queue ≥ 200s", "distinct eventIDs read back", "spooled"],
-        ["ok", "queued", "queue_check", "distinct_ids", "spooled"],
-    )
+    out += _http_section(result.get("R"), *_RELAY_COLUMNS)
     if "RH" in result:
         out += ["", "## RH — the relay with `RELAY_HTTP_FAST_PATH=off`: aiohttp answers every callback", ""]
-        out += _http_section(
-            result.get("RH"),
-            ["200s", "queued", "queue ≥ 200s", "distinct eventIDs read back", "spooled"],
-            ["ok", "queued", "queue_check", "distinct_ids", "spooled"],
-        )
+        out += _http_section(result.get("RH"), *_RELAY_COLUMNS)
     out += ["", "## S — spool path: broker unreachable, each 200 a durable (fsync'd) SQLite write", ""]
-    out += _http_section(result.get("S"), ["200s", "spooled", "spooled ≥ 200s"], ["ok", "spooled", "spool_check"])
+    out += _http_section(result.get("S"), *_SPOOL_COLUMNS)
     if "RW" in result:
         workers = (result["RW"] or {}).get("workers", c["workers"])
         out += ["", f"## RW — relay with {workers} worker processes", ""]
@@ -169,8 +169,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "SW" in result:
         workers = (result["SW"] or {}).get("workers", c["workers"])
         out += ["", f"## SW — spool path with {workers} worker processes (one spool each)", ""]
-        columns = ["200s", "spooled", "spooled ≥ 200s"], ["ok", "spooled", "spool_check"]
-        out += _http_section(result.get("SW"), *columns, server="relay tree")
+        out += _http_section(result.get("SW"), *_SPOOL_COLUMNS, server="relay tree")
         sw = [f"c={p['connections']}: {_ratio(p.get('SW/A'))}" for p in result["ratios"]["per_connections"]]
         out += ["", f"SW/A: {', '.join(sw)}."]
     if "W" in result:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import structlog
@@ -147,25 +148,25 @@ def local_app(relay_app: web.Application) -> web.Application:
     return app
 
 
-def make_runner(app: web.Application, **kwargs: object) -> web.AppRunner:
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     """The HTTP server of production, used by ``relay serve`` and the tests: callbacks on the fast
     path (:mod:`relay.fastpath`) unless ``RELAY_HTTP_FAST_PATH=off``, everything else on aiohttp."""
     settings = app[SETTINGS]
-    options: dict[str, object] = dict(
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=settings.publish_timeout + 2,
-        # aiohttp closes a connection whose next request has not fully arrived within this time:
-        # the idle keep-alive limit, and the header-read timeout that stops slowloris clients.
-        keepalive_timeout=settings.keepalive_timeout,
-        # After refusing a body (413, 408) aiohttp reads and discards the rest before closing;
-        # bound that, so a slow sender cannot hold the socket for the default 10 s.
-        lingering_time=2.0,
-    )
-    options.update(kwargs)
+    options: dict[str, Any] = {
+        "access_log": None,
+        "handle_signals": False,
+        "shutdown_timeout": settings.publish_timeout + 2,
+        # A connection whose next request has not fully arrived within this time is closed: the
+        # idle keep-alive limit, and the header-read timeout that stops slowloris clients.
+        "keepalive_timeout": settings.keepalive_timeout,
+        # After refusing a body (413, 408) the rest is read and discarded before closing; bound
+        # that, so a slow sender cannot hold the socket for aiohttp's default 10 s.
+        "lingering_time": 2.0,
+        **kwargs,
+    }
     if settings.fast_path:
         return RelayRunner(app, app[CALLBACK], CALLBACK_PATH, **options)
-    return web.AppRunner(app, **options)  # type: ignore[arg-type]
+    return web.AppRunner(app, **options)
 
 
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -28,7 +28,7 @@ import socket
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -384,12 +384,22 @@ class FastConnection(asyncio.Protocol):
 class RelayRunner(web.AppRunner):
     """``web.AppRunner`` whose sites listen with :class:`FastPathServer`."""
 
-    def __init__(self, app: web.Application, handler: CallbackHandler, path: str, **kwargs: object) -> None:
-        super().__init__(app, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        app: web.Application,
+        handler: CallbackHandler,
+        path: str,
+        *,
+        keepalive_timeout: float,
+        lingering_time: float,
+        **kwargs: Any,
+    ) -> None:
+        # The same timeouts for both front ends: aiohttp's (handed-over connections) and ours.
+        super().__init__(app, keepalive_timeout=keepalive_timeout, lingering_time=lingering_time, **kwargs)
         self._handler = handler
         self._path = path
-        self._keepalive_timeout = cast(float, kwargs.get("keepalive_timeout", 75.0))
-        self._lingering_time = cast(float, kwargs.get("lingering_time", 10.0))
+        self._keepalive_timeout = keepalive_timeout
+        self._lingering_time = lingering_time
 
     async def _make_server(self) -> web.Server:
         fallback = await super()._make_server()

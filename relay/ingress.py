@@ -104,12 +104,9 @@ class CallbackHandler:
     async def handle(self, request: web.Request) -> web.Response:
         """The aiohttp route; :mod:`relay.fastpath` calls :meth:`process` directly."""
         self.metrics.callbacks_via_aiohttp.inc()
-        reply = await self.process(
-            request.query.items(),
-            request.remote,
-            request.headers.getall("X-Forwarded-For", ()),
-            lambda: self._read_body(request),
-        )
+        # X-Forwarded-For matters only to an active source allow-list: not looked up otherwise.
+        forwarded = request.headers.getall("X-Forwarded-For", ()) if self.sources.active else ()
+        reply = await self.process(request.query.items(), request.remote, forwarded, lambda: self._read_body(request))
         return reply.response()
 
     async def process(

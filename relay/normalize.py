@@ -131,7 +131,7 @@ class _Builder:
         query: CallbackQuery,
         command: str,
         received_at_ms: int,
-        enrichment: Enrichment = "disabled",
+        enrichment: Enrichment,
     ) -> None:
         self.enrichment = enrichment
         self.data = data

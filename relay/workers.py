@@ -13,6 +13,7 @@ sees the whole pod whichever worker answers (sum by … without (worker) in quer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -104,20 +105,25 @@ class _Merged(Collector):
         return self._families
 
 
+async def _ask_peer(port: int, peer: int, path: str) -> tuple[int, str]:
+    """GET *path* from worker *peer* over its unix socket, within 1 s: (status, body)."""
+    connector = aiohttp.UnixConnector(path=str(socket_path(port, peer)))
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1)) as session,
+        session.get(f"http://worker{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
 async def peer_readiness(index: int, count: int, port: int) -> dict[int, str]:
     """Each other worker's readiness: ``ready``, ``not_ready``, ``not_answering`` (no answer within
     1 s: hung or overloaded) or ``absent`` (no socket: restarting, so receiving no connections)."""
     states: dict[int, str] = {}
 
     async def ask(peer: int) -> None:
-        path = socket_path(port, peer)
-        connector = aiohttp.UnixConnector(path=str(path))
         try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1)) as session,
-                session.get("http://worker/readyz") as response,
-            ):
-                states[peer] = "ready" if response.status == 200 else "not_ready"
+            status, _ = await _ask_peer(port, peer, "/readyz")
+            states[peer] = "ready" if status == 200 else "not_ready"
         except aiohttp.ClientConnectorError as exc:
             refused = isinstance(exc.os_error, (FileNotFoundError, ConnectionRefusedError))
             states[peer] = "absent" if refused else "not_answering"
@@ -133,15 +139,9 @@ async def merged_metrics(own: bytes, index: int, count: int, port: int) -> bytes
     texts: dict[int, str] = {index: own.decode()}
 
     async def fetch(peer: int) -> None:
-        connector = aiohttp.UnixConnector(path=str(socket_path(port, peer)))
-        try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1)) as session,
-                session.get("http://worker/metrics") as response,
-            ):
-                texts[peer] = await response.text()
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            pass  # a worker restarting: its series are missing from this scrape only
+        # A worker restarting: its series are missing from this scrape only.
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            texts[peer] = (await _ask_peer(port, peer, "/metrics"))[1]
 
     await asyncio.gather(*(fetch(peer) for peer in range(count) if peer != index))
     families: dict[str, Metric] = {}

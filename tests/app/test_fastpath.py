@@ -9,78 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import cast
+from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
-from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from relay.app import create_app, make_runner
 from relay.callback import C2C_RECALL
 from relay.fastpath import FastPathServer, parse_head
 from relay.samples import callback_query, sample_body
-from tests.helpers import APP, NOW, TOKEN, RecordingPublisher, make_settings
+from tests.app.conftest import Served
+from tests.helpers import APP, NOW, TOKEN
 
 PATH = "/tencent-im/callback"
-
-
-class Served:
-    def __init__(
-        self, port: int, runner: web.AppRunner, publisher: RecordingPublisher, registry: CollectorRegistry
-    ) -> None:
-        self.port = port
-        self.registry = registry
-        self.runner = runner
-        self.publisher = publisher
-        self.writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def via_aiohttp(self) -> float:
-        return self.registry.get_sample_value("relay_http_callbacks_via_aiohttp_total") or 0.0
-
-    @property
-    def front(self) -> FastPathServer:
-        return cast(FastPathServer, self.runner.server)
-
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writers.append(writer)  # closed by the fixture
-        return reader, writer
-
-
-@pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    runners: list[web.AppRunner] = []
-    servers: list[Served] = []
-
-    async def start(**env: str) -> Served:
-        publisher = RecordingPublisher()
-        registry = CollectorRegistry()
-        app = create_app(
-            make_settings(tmp_path / str(len(runners)), **env),
-            publisher=publisher,
-            registry=registry,
-            clock=lambda: NOW,
-        )
-        runner = make_runner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        servers.append(Served(int(runner.addresses[0][1]), runner, publisher, registry))
-        return servers[-1]
-
-    yield start
-    for served in servers:
-        for writer in served.writers:
-            writer.close()
-    for runner in runners:
-        await runner.cleanup()
 
 
 def target(key: str = "k1") -> str:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
-import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from relay.app import create_app, make_runner
+from relay.app import create_app
 from relay.callback import C2C_RECALL
 from relay.samples import callback_query, sample_body
+from tests.app.conftest import Served
 from tests.helpers import APP, NOW, OTHER_APP, TOKEN, RecordingPublisher, make_settings
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
@@ -31,30 +30,6 @@ async def relay(
         clock=lambda: NOW,
     )
     return await aiohttp_client(app)
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[int]]]:
-    """Serve the app with the production runner settings (make_runner); returns the port."""
-    runners: list[web.AppRunner] = []
-
-    async def serve(**env: str) -> int:
-        app = create_app(
-            make_settings(tmp_path, **env),
-            publisher=RecordingPublisher(),
-            registry=CollectorRegistry(),
-            clock=lambda: NOW,
-        )
-        runner = make_runner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        return int(runner.addresses[0][1])
-
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
 
 
 def url(app: str = APP, token: str | None = TOKEN) -> str:
@@ -115,9 +90,9 @@ async def test_forwarded_for_counts_only_behind_a_trusted_proxy(aiohttp_client: 
     assert 403 == refused.status
 
 
-async def test_slow_headers_are_cut_off(served: Callable[..., Awaitable[int]]) -> None:
+async def test_slow_headers_are_cut_off(serve: Callable[..., Awaitable[Served]]) -> None:
     """A client that never finishes its headers (slowloris) is disconnected after the keep-alive timeout."""
-    port = await served(RELAY_KEEPALIVE_TIMEOUT="0.5")
+    port = (await serve(RELAY_KEEPALIVE_TIMEOUT="0.5")).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /tencent-im/callback HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     await writer.drain()
@@ -129,10 +104,10 @@ async def test_slow_headers_are_cut_off(served: Callable[..., Awaitable[int]]) -
     await writer.wait_closed()
 
 
-async def test_slow_body_gets_408_and_is_cut_off(served: Callable[..., Awaitable[int]]) -> None:
+async def test_slow_body_gets_408_and_is_cut_off(serve: Callable[..., Awaitable[Served]]) -> None:
     """A body that stops arriving is answered 408 body_timeout after RELAY_BODY_TIMEOUT; the socket is
     closed soon after (bounded lingering), not held open by the sender."""
-    port = await served(RELAY_BODY_TIMEOUT="0.5")
+    port = (await serve(RELAY_BODY_TIMEOUT="0.5")).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = f"POST {url(OTHER_APP, None)} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
     writer.write(head.encode() + b'{"CallbackCommand":')
@@ -147,9 +122,9 @@ async def test_slow_body_gets_408_and_is_cut_off(served: Callable[..., Awaitable
     await writer.wait_closed()
 
 
-async def test_idle_keepalive_connection_is_closed(served: Callable[..., Awaitable[int]]) -> None:
+async def test_idle_keepalive_connection_is_closed(serve: Callable[..., Awaitable[Served]]) -> None:
     """After a response, a connection that sends nothing more is closed after the keep-alive timeout."""
-    port = await served(RELAY_KEEPALIVE_TIMEOUT="0.5")
+    port = (await serve(RELAY_KEEPALIVE_TIMEOUT="0.5")).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
