@@ -91,13 +91,13 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     # SO_REUSEPORT under --workers: every worker binds the port, the kernel spreads connections.
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None)
     await site.start()
-    local: web.AppRunner | None = None
+    local: tuple[web.AppRunner, Path] | None = None
     if worker is not None:
         path = socket_path(settings.port, worker[0])
         path.unlink(missing_ok=True)
-        local = web.AppRunner(local_app(app), access_log=None, handle_signals=False)
-        await local.setup()
-        await web.UnixSite(local, str(path)).start()
+        local = (web.AppRunner(local_app(app), access_log=None, handle_signals=False), path)
+        await local[0].setup()
+        await web.UnixSite(local[0], str(path)).start()
     log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)
     # Everything built so far lives as long as the process: keep it out of every later garbage
     # collection, whose full passes over it otherwise cost tens of ms (the latency tail).
@@ -115,7 +115,8 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     await asyncio.sleep(settings.shutdown_delay)
     await runner.cleanup()
     if local is not None:
-        await local.cleanup()
+        await local[0].cleanup()
+        local[1].unlink(missing_ok=True)  # the peers' socket: left behind, it would pile up in /tmp
     metrics = app[METRICS]
     accepted = sum(
         s.value

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from relay.samples import callback_query, encode, sample_body
+from relay.workers import socket_path
 
 pytestmark = pytest.mark.timeout(120)
 APP = "1400000002"
@@ -88,6 +89,7 @@ def test_workers_share_the_port_and_metrics_are_merged(workers: tuple[subprocess
     assert {"worker-0", "worker-1"} <= {p.name for p in spool.iterdir()}
     proc.send_signal(signal.SIGTERM)
     assert 0 == proc.wait(30)
+    assert not [i for i in range(2) if socket_path(port, i).exists()]  # peer sockets removed on exit
 
 
 def test_a_crashed_worker_is_restarted(workers: tuple[subprocess.Popen[bytes], int, Path]) -> None:
