@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import orjson
@@ -22,6 +25,18 @@ APP = "1400000001"
 TOKEN = "tok_example_42"
 OTHER_APP = "1400000002"  # accepted without a token
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def answers(url: str, default_port: int) -> bool:
+    """Whether something accepts TCP connections at *url*'s host and port (2 s)."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
 
 EVENT_SCHEMA: dict[str, Any] = json.loads(
     resources.files("relay").joinpath("schema/event.v2.json").read_text(encoding="utf-8")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +23,9 @@ from bench.services import parse_metrics
 from relay.callback import C2C_RECALL, CallbackQuery
 from relay.events import RevokeEvent
 from relay.normalize import normalize
+from tests.helpers import AMQP_URL, answers
 
 ROOT = Path(__file__).resolve().parents[2]
-AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def _broker_answers() -> bool:
-    parts = urlsplit(AMQP_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def _require(present: bool, message: str, env: str) -> None:
@@ -86,7 +76,7 @@ def test_smoke_run_measures_every_section(tmp_path: Path) -> None:
     _require(
         shutil.which("wrk") is not None, "wrk not found (bench/ensure-tools.sh installs it)", "RELAY_REQUIRE_TOOLS"
     )
-    _require(_broker_answers(), f"no RabbitMQ answers at {urlsplit(AMQP_URL).hostname}", "RELAY_REQUIRE_BROKER")
+    _require(answers(AMQP_URL, 5672), f"no RabbitMQ answers at {urlsplit(AMQP_URL).hostname}", "RELAY_REQUIRE_BROKER")
     env = {**os.environ, "RELAY_AMQP_URL": AMQP_URL}
     # --workers 2 exercises the RW path: measured once `relay serve --workers` exists, skipped until then.
     command = [sys.executable, "-m", "bench.run", "--smoke", "--workers", "2", "--out", str(tmp_path)]

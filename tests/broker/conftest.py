@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -12,21 +11,12 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
-AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def _broker_answers() -> bool:
-    parts = urlsplit(AMQP_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
-            return True
-    except OSError:
-        return False
+from tests.helpers import AMQP_URL, answers
 
 
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
-    if not _broker_answers():
+    if not answers(AMQP_URL, 5672):
         message = f"no RabbitMQ answers at {urlsplit(AMQP_URL).netloc.rpartition('@')[2]}"
         if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
             pytest.fail(message + " and RELAY_REQUIRE_BROKER=1", pytrace=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +23,7 @@ from relay.correlation import KEY_PREFIX
 from relay.samples import callback_query
 from relay.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND
 from tests.broker.test_publish import read_messages, start_relay
-from tests.helpers import APP, TOKEN, validate_event
+from tests.helpers import APP, TOKEN, answers, validate_event
 
 pytestmark = pytest.mark.broker
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
@@ -34,9 +33,7 @@ REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     parts = urlsplit(REDIS_URL)
-    try:
-        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=2).close()
-    except OSError:
+    if not answers(REDIS_URL, 6379):
         if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
             pytest.fail(f"no Redis at {parts.netloc} and RELAY_REQUIRE_BROKER=1", pytrace=False)
         pytest.skip(f"no Redis at {parts.netloc}")
