@@ -13,7 +13,7 @@ import signal
 import uvloop
 from aiohttp import web
 
-from relay.ingress import OK_BODY
+from relay.tencent.ingress import OK_BODY
 
 CALLBACK_PATH = "/tencent-im/callback"
 

@@ -41,11 +41,11 @@ from pamqp.header import ContentHeader, ProtocolHeader
 
 from bench import procstat
 from bench.services import queue_count
-from relay.callback import C2C_RECALL, CallbackQuery
 from relay.events import APP_ID, EVENT_TYPE, Envelope
-from relay.normalize import normalize
 from relay.publisher import BINDING_KEY
-from relay.samples import encode, sample_body
+from relay.tencent.callback import C2C_RECALL, CallbackQuery
+from relay.tencent.normalize import normalize
+from relay.tencent.samples import encode, sample_body
 
 VARIANTS = ("aio-pika", "aiormq", "raw")
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -27,7 +27,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
-from relay.samples import callback_query, encode, sample_body
+from relay.tencent.samples import callback_query, encode, sample_body
 
 APP = "1400000001"
 RESULTS = Path(__file__).parent / "results"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.callback import C2C_RECALL
-from relay.samples import callback_query, encode, sample_body
-from relay.sends import C2C_SEND
+from relay.tencent.callback import C2C_RECALL
+from relay.tencent.samples import callback_query, encode, sample_body
+from relay.tencent.sends import C2C_SEND
 
 LUA = Path(__file__).parent / "wrk" / "callback.lua"
 CALLBACK_PATH = "/tencent-im/callback"

@@ -43,8 +43,8 @@ from bench import procstat
 from bench.load import Target, run_wrk, wrk_path, wrk_version
 from bench.report import markdown
 from bench.services import BareHttp, Relay, Service, amqp_url, rabbitmq_version, relay_supports_workers
-from relay.callback import C2C_RECALL
-from relay.sends import C2C_SEND
+from relay.tencent.callback import C2C_RECALL
+from relay.tencent.sends import C2C_SEND
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "1400000001"

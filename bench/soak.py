@@ -20,7 +20,7 @@ from bench import procstat
 from bench.load import Target, run_wrk
 from bench.run import APP, TOKEN
 from bench.services import Relay
-from relay.callback import C2C_RECALL
+from relay.tencent.callback import C2C_RECALL
 
 RESULTS = Path(__file__).parent / "results"
 

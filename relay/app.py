@@ -18,16 +18,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.access import SourcePolicy
-from relay.auth import Authenticator
 from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStore
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
 from relay.fastpath import RelayRunner
-from relay.ingress import CallbackHandler
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
 from relay.spool import Spool
+from relay.tencent.auth import Authenticator
+from relay.tencent.ingress import CallbackHandler
 from relay.workers import merged_metrics, peer_readiness
 
 CALLBACK_PATH = "/tencent-im/callback"

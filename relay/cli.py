@@ -28,10 +28,10 @@ from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher
-from relay.samples import KINDS, callback_query, encode, sample_body
 from relay.settings import Settings
 from relay.spool import Spool, SpoolStore
 from relay.tail import DEFAULT_KEY, tail
+from relay.tencent.samples import KINDS, callback_query, encode, sample_body
 from relay.workers import socket_path, supervise, worker_slot
 
 log = structlog.get_logger()

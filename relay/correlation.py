@@ -13,16 +13,16 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from relay.events import Enrichment, RevokeEvent
+from relay.events import ConversationType, Enrichment, RevokeEvent
 from relay.metrics import Metrics
-from relay.sends import SendRecord, correlation_key
 
 log = structlog.get_logger()
 
@@ -34,6 +34,35 @@ _QUEUE_LIMIT = 20_000
 # records (Tencent waits 2 s for an answer and ignores it for after-send callbacks).
 _SUBMIT_WAIT = 1.0
 _BREAKER_SECONDS = 1.0
+
+
+def correlation_key(sdk_app_id: str, conversation_type: ConversationType, server_key: str) -> str:
+    """The store key of a message: the eventID's own name, so send and recall meet without an index."""
+    return f"{sdk_app_id}/{conversation_type}/{server_key}"
+
+
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    """What a send callback tells about one message. Stored compactly; never logged."""
+
+    key: str
+    client_msg_id: str | None
+    sender: str | None
+    sent_at_ms: int | None
+    evidence: dict[str, Any] | None = None
+
+    def encode(self) -> bytes:
+        record: dict[str, Any] = {"m": self.client_msg_id, "s": self.sender, "t": self.sent_at_ms}
+        if self.evidence is not None:
+            record["e"] = self.evidence
+        return orjson.dumps(record)
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> SendRecord:
+        data = orjson.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("correlation record is not an object")
+        return cls(key, _str(data.get("m")), _str(data.get("s")), _int(data.get("t")), _obj(data.get("e")))
 
 
 class CorrelationStore(Protocol):
@@ -278,3 +307,15 @@ def apply(event: RevokeEvent, record: SendRecord, *, evidence: bool) -> RevokeEv
         evidence=record.evidence if evidence else None,
         enrichment="hit",
     )
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _obj(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None

@@ -4,7 +4,7 @@ aiohttp spends about a third of the relay's CPU per callback on generic HTTP wor
 response objects, routing, streams). Tencent IM sends every callback in the same simple shape,
 ``POST /tencent-im/callback?<plain query> HTTP/1.1`` with a ``Content-Length`` body, so
 :class:`FastConnection` recognizes exactly that shape and answers it itself, calling the same
-:meth:`CallbackHandler.process` as the aiohttp route.
+:meth:`process` of the provider's handler (:class:`FastHandler`) as the aiohttp route.
 
 The rule that keeps this small and safe: **the fast path never judges HTTP it does not fully
 understand.** At the first request that is anything else (another path or method, HTTP/1.0,
@@ -26,20 +26,60 @@ import asyncio
 import re
 import socket
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 from aiohttp import web
 
 from relay.errors import Reject, Rejection
-from relay.ingress import CallbackHandler, Reply
 
 log = structlog.get_logger()
 
 MAX_HEAD = 8190  # bytes of request line plus headers; aiohttp's limit for one line
 MAX_HEADERS = 128  # aiohttp's limit
+_JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer to a callback, independent of the HTTP server that sends it."""
+
+    status: int
+    body: bytes
+    retry_after: bool = False  # 503: tell the sender when to come back
+    close: bool = False  # close the connection after answering
+
+    def response(self) -> web.Response:
+        """As an aiohttp response."""
+        response = web.Response(body=self.body, status=self.status, content_type=_JSON)
+        if self.retry_after:
+            response.headers["Retry-After"] = "1"
+        if self.close:
+            response.force_close()
+        return response
+
+
+BodyReader = Callable[[], Awaitable[bytes]]
+
+
+class FastHandler(Protocol):
+    """What the fast path calls for a request it recognizes: a provider's callback handler."""
+
+    max_body_bytes: int
+    body_timeout: float
+
+    async def process(
+        self,
+        query_items: Iterable[tuple[str, str]],
+        peer: str | None,
+        forwarded_for: Iterable[str],
+        read_body: BodyReader,
+    ) -> Reply: ...
+
 
 _INTERNAL_ERROR = Reply(500, b'{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":"internal_error"}', close=True)
 # Header lines: a token, a colon, then visible ASCII, space, tab or obs-text; no control bytes.
@@ -115,7 +155,7 @@ class FastPathServer:
     def __init__(
         self,
         fallback: web.Server,
-        handler: CallbackHandler,
+        handler: FastHandler,
         path: str,
         *,
         keepalive_timeout: float,
@@ -296,7 +336,7 @@ class FastConnection(asyncio.Protocol):
         self._next()
 
     async def _read_body(self) -> bytes:
-        """The body reader handed to :meth:`CallbackHandler.process`: cap, deadline, no copy twice."""
+        """The body reader handed to :meth:`FastHandler.process`: cap, deadline, no copy twice."""
         length = self._length
         limit = self.server.handler.max_body_bytes
         if length > limit:
@@ -387,7 +427,7 @@ class RelayRunner(web.AppRunner):
     def __init__(
         self,
         app: web.Application,
-        handler: CallbackHandler,
+        handler: FastHandler,
         path: str,
         *,
         keepalive_timeout: float,

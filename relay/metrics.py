@@ -6,11 +6,11 @@ The registry is passed in so each test gets a fresh one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from relay.callback import KNOWN_COMMANDS
 from relay.errors import Reject
 
 # Fine resolution at the low end: a confirmed publish on a healthy broker takes ~1-20 ms, and the
@@ -196,9 +196,6 @@ class Metrics:
 
     def _prime(self) -> None:
         """Create every bounded label combination at zero so rates and alerts see the series at once."""
-        for command in (*sorted(KNOWN_COMMANDS), "other"):
-            for outcome in OUTCOMES:
-                self.callbacks.labels(command, outcome)
         for code in Reject:
             self.rejections.labels(code.value)
         for field in (*ANOMALY_FIELDS, "other"):
@@ -218,6 +215,12 @@ class Metrics:
         for op in STORE_OPS:
             self.correlation_store_seconds.labels(op)
             self.correlation_store_errors.labels(op)
+
+    def prime_callbacks(self, commands: Iterable[str]) -> None:
+        """Create the callback series of a provider's known commands (and "other") at zero."""
+        for command in (*sorted(commands), "other"):
+            for outcome in OUTCOMES:
+                self.callbacks.labels(command, outcome)
 
     def watch_spool(self, spool: SpoolGauges) -> None:
         """Read the spool's state at scrape time (no bookkeeping on the hot path)."""

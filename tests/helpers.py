@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 import jsonschema
 import orjson
 
-from relay.callback import CallbackQuery
 from relay.errors import PublishFailed
 from relay.events import Envelope
-from relay.normalize import normalize
-from relay.samples import sample_body
 from relay.settings import Settings
+from relay.tencent.callback import CallbackQuery
+from relay.tencent.normalize import normalize
+from relay.tencent.samples import sample_body
 
 APP = "1400000001"
 TOKEN = "tok_example_42"

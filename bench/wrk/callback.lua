@@ -7,7 +7,7 @@
 --   BENCH_RUN        a 6-digit run tag, so no two runs (or measurements) share a MsgKey
 --
 -- Each thread numbers its requests; MsgKey = <counter mod 1e6>_<run><thread><counter>_<second>,
--- the shape relay.samples uses, so the relay publishes a distinct event for every request.
+-- the shape relay.tencent.samples uses, so the relay publishes a distinct event for every request.
 -- done() prints one line "BENCH_JSON {...}": latency percentiles (µs), statuses counted in
 -- response() (exactly how many 200s were answered), wrk's own counters.
 

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from relay.app import LIFECYCLE, SPOOL, create_app
-from relay.callback import C2C_RECALL, GROUP_RECALL, CallbackQuery
-from relay.normalize import normalize
-from relay.samples import callback_query, sample_body
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, CallbackQuery
+from relay.tencent.normalize import normalize
+from relay.tencent.samples import callback_query, sample_body
 from tests.helpers import APP, NOW, OTHER_APP, TOKEN, RecordingPublisher, make_settings, validate_event
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]

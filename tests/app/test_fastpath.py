@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from relay.callback import C2C_RECALL
 from relay.fastpath import FastPathServer, parse_head
-from relay.samples import callback_query, sample_body
+from relay.tencent.callback import C2C_RECALL
+from relay.tencent.samples import callback_query, sample_body
 from tests.app.conftest import Served
 from tests.helpers import APP, NOW, TOKEN
 

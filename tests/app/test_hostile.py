@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from relay.app import create_app
-from relay.auth import sign
-from relay.callback import C2C_RECALL, GROUP_RECALL
-from relay.samples import sample_body
+from relay.tencent.auth import sign
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL
+from relay.tencent.samples import sample_body
 from tests.helpers import APP, NOW, TOKEN, RecordingPublisher, make_settings
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]

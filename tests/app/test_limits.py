@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from relay.app import create_app
-from relay.callback import C2C_RECALL
-from relay.samples import callback_query, sample_body
+from relay.tencent.callback import C2C_RECALL
+from relay.tencent.samples import callback_query, sample_body
 from tests.app.conftest import Served
 from tests.helpers import APP, NOW, OTHER_APP, TOKEN, RecordingPublisher, make_settings
 

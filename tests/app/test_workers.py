@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from relay.samples import callback_query, encode, sample_body
+from relay.tencent.samples import callback_query, encode, sample_body
 from relay.workers import socket_path
 
 pytestmark = pytest.mark.timeout(120)

@@ -20,9 +20,9 @@ import pytest
 
 from bench.load import body_template
 from bench.services import parse_metrics
-from relay.callback import C2C_RECALL, CallbackQuery
 from relay.events import RevokeEvent
-from relay.normalize import normalize
+from relay.tencent.callback import C2C_RECALL, CallbackQuery
+from relay.tencent.normalize import normalize
 from tests.helpers import AMQP_URL, answers
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from relay.errors import PublishFailed
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher
-from relay.samples import KINDS
+from relay.tencent.samples import KINDS
 from tests.api_docs import event_message, load_asyncapi, resolve, validator
 from tests.helpers import envelopes
 

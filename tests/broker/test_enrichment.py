@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
 from relay.correlation import KEY_PREFIX
-from relay.samples import callback_query
-from relay.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
+from relay.tencent.samples import callback_query
+from relay.tencent.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND
 from tests.broker.test_publish import read_messages, start_relay
 from tests.helpers import APP, TOKEN, answers, validate_event
 

@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from relay.app import PUBLISHER, SPOOL, create_app
-from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
 from relay.publisher import AmqpPublisher
-from relay.samples import callback_query, sample_body
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
+from relay.tencent.samples import callback_query, sample_body
 from tests.helpers import APP, TOKEN, make_settings, validate_event
 from tests.proxy import TcpProxy
 

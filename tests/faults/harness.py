@@ -21,9 +21,9 @@ import aio_pika
 import aiohttp
 import orjson
 
-from relay.callback import CallbackQuery
-from relay.normalize import normalize
-from relay.samples import callback_query, sample_body
+from relay.tencent.callback import CallbackQuery
+from relay.tencent.normalize import normalize
+from relay.tencent.samples import callback_query, sample_body
 from tests.faults.node import free_port
 
 APP = "1400000001"

@@ -15,8 +15,8 @@ import pytest
 
 from relay.events import EVENT_TYPE, EVENT_VERSION
 from relay.metrics import CONVERSATION_TYPES
-from relay.samples import KINDS
 from relay.settings import Settings
+from relay.tencent.samples import KINDS
 from tests.api_docs import ASYNCAPI, event_message, load_asyncapi, resolve, validator
 from tests.helpers import EVENT_SCHEMA, envelopes, validate_event
 

@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from relay.auth import Authenticator, sign
-from relay.callback import CallbackQuery
 from relay.errors import Reject, Rejection
+from relay.tencent.auth import Authenticator, sign
+from relay.tencent.callback import CallbackQuery
 from tests.helpers import APP, NOW, OTHER_APP, TOKEN
 
 NEW_TOKEN = "tok_rotated_43"

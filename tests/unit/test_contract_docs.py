@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from relay.events import event_id
-from relay.normalize import group_server_key
+from relay.tencent.normalize import group_server_key
 from tests.helpers import validate_event
 
 DOC = Path(__file__).parents[2] / "docs" / "events.md"

@@ -10,13 +10,13 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
-from relay.correlation import Enricher, MemoryStore, RedisStore
+from relay.correlation import Enricher, MemoryStore, RedisStore, SendRecord
 from relay.errors import Reject, Rejection
 from relay.events import RevokeEvent
 from relay.metrics import Metrics
-from relay.normalize import normalize
-from relay.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND, SendRecord, parse_send
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
+from relay.tencent.normalize import normalize
+from relay.tencent.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND, parse_send
 from tests.helpers import APP
 
 C2C_SENT = {

@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.errors import Reject, Rejection
 from relay.events import event_id
-from relay.normalize import MAX_ITEMS, group_server_key, normalize
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
+from relay.tencent.normalize import MAX_ITEMS, group_server_key, normalize
 from tests.helpers import APP, validate_event
 
 RECEIVED_MS = 1_767_225_605_000  # 2026-01-01T00:00:05.000Z

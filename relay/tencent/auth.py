@@ -12,8 +12,8 @@ import hmac
 import time
 from collections.abc import Callable, Mapping
 
-from relay.callback import CallbackQuery
 from relay.errors import Reject, Rejection
+from relay.tencent.callback import CallbackQuery
 
 _HEX = frozenset("0123456789abcdef")
 # Unix seconds fit in 10 digits until 2286; a longer value is malformed, not merely stale.

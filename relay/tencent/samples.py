@@ -10,8 +10,8 @@ from urllib.parse import urlencode
 
 import orjson
 
-from relay.auth import sign
-from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
+from relay.tencent.auth import sign
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
 
 KINDS = {"c2c": C2C_RECALL, "group": GROUP_RECALL, "official_account": OFFICIAL_ACCOUNT_RECALL}
 _counter = itertools.count(1)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
 import aiohttp
 import orjson
@@ -18,42 +17,21 @@ import structlog
 from aiohttp import web
 
 from relay.access import SourcePolicy
-from relay.auth import Authenticator
-from relay.callback import RECALL_COMMANDS, CallbackQuery, command_label
 from relay.correlation import Enricher
 from relay.dispatch import Dispatcher
 from relay.errors import STATUS, Reject, Rejection, SpoolError, SpoolFull
+from relay.fastpath import BodyReader, Reply
 from relay.metrics import Metrics
-from relay.normalize import normalize, parse_object, resolve_command
-from relay.sends import SEND_COMMANDS, parse_send
+from relay.tencent.auth import Authenticator
+from relay.tencent.callback import KNOWN_COMMANDS, RECALL_COMMANDS, CallbackQuery, command_label
+from relay.tencent.normalize import normalize, parse_object, resolve_command
+from relay.tencent.sends import SEND_COMMANDS, parse_send
 
 log = structlog.get_logger()
 
 OK_BODY = orjson.dumps({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
-_JSON = "application/json"
 # After refusing these the rest of the request is not worth reading: the connection is closed.
 _CLOSING = frozenset({Reject.BODY_TOO_LARGE, Reject.BODY_TIMEOUT, Reject.INCOMPLETE_BODY})
-
-BodyReader = Callable[[], Awaitable[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One answer to a callback, independent of the HTTP server that sends it."""
-
-    status: int
-    body: bytes
-    retry_after: bool = False  # 503: tell the sender when to come back
-    close: bool = False  # close the connection after answering
-
-    def response(self) -> web.Response:
-        """As an aiohttp response."""
-        response = web.Response(body=self.body, status=self.status, content_type=_JSON)
-        if self.retry_after:
-            response.headers["Retry-After"] = "1"
-        if self.close:
-            response.force_close()
-        return response
 
 
 OK = Reply(200, OK_BODY)
@@ -89,6 +67,7 @@ class CallbackHandler:
         self.auth = auth
         self.dispatcher = dispatcher
         self.metrics = metrics
+        metrics.prime_callbacks(KNOWN_COMMANDS)
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.max_in_flight = max_in_flight

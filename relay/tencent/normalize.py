@@ -21,9 +21,9 @@ from urllib.parse import quote
 
 import orjson
 
-from relay.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.errors import Reject, Rejection
 from relay.events import Conversation, Enrichment, Operator, RevokeEvent, event_id
+from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 
 # Tencent's REST recall takes at most 10 messages per call; 1,000 leaves ample room for any
 # future batching while bounding the work one request can cause.

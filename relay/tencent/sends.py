@@ -9,49 +9,19 @@ eventID, so a recall finds its send record without any other index.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from relay.callback import CallbackQuery
+from relay.correlation import SendRecord, correlation_key
 from relay.errors import Reject, Rejection
-from relay.events import ConversationType
-from relay.normalize import MAX_ID_CHARS, group_server_key, parse_object, resolve_command
+from relay.tencent.callback import CallbackQuery
+from relay.tencent.normalize import MAX_ID_CHARS, group_server_key, parse_object, resolve_command
 
 C2C_SEND = "C2C.CallbackAfterSendMsg"
 GROUP_SEND = "Group.CallbackAfterSendMsg"
 OFFICIAL_ACCOUNT_SEND = "OfficialAccount.CallbackAfterSendMsg"
 SEND_COMMANDS = frozenset({C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND})
-
-
-def correlation_key(sdk_app_id: str, conversation_type: ConversationType, server_key: str) -> str:
-    """The store key of a message: the eventID's own name, so send and recall meet without an index."""
-    return f"{sdk_app_id}/{conversation_type}/{server_key}"
-
-
-@dataclass(frozen=True, slots=True)
-class SendRecord:
-    """What a send callback tells about one message. Stored compactly; never logged."""
-
-    key: str
-    client_msg_id: str | None
-    sender: str | None
-    sent_at_ms: int | None
-    evidence: dict[str, Any] | None = None
-
-    def encode(self) -> bytes:
-        record: dict[str, Any] = {"m": self.client_msg_id, "s": self.sender, "t": self.sent_at_ms}
-        if self.evidence is not None:
-            record["e"] = self.evidence
-        return orjson.dumps(record)
-
-    @classmethod
-    def decode(cls, key: str, raw: bytes) -> SendRecord:
-        data = orjson.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("correlation record is not an object")
-        return cls(key, _str(data.get("m")), _str(data.get("s")), _int(data.get("t")), _obj(data.get("e")))
 
 
 def parse_send(
@@ -112,11 +82,3 @@ def _seconds_to_ms(value: object) -> int | None:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _obj(value: object) -> dict[str, Any] | None:
-    return value if isinstance(value, dict) else None
