@@ -1,4 +1,4 @@
-"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v2.json) and its AMQP envelope.
+"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v3.json) and its AMQP envelope.
 
 Pure data: no I/O, no event loop. An :class:`Envelope` is everything the publisher and the spool
 need, so a spooled event is republished with exactly the bytes and properties of a direct publish.
@@ -14,9 +14,10 @@ from typing import Literal
 
 import orjson
 
-# Version 2 added enrichment, sentAt and evidence (docs/events.md, "Versions"); nothing was removed
-# or changed in type, so a version-1 consumer that ignores unknown fields keeps working.
-EVENT_VERSION = 2
+# Version 2 added enrichment, sentAt and evidence; version 3 added provider, recallRequest and the
+# moderator role (docs/events.md, "Versions"). Nothing was removed or changed in type, so an older
+# consumer that ignores unknown fields keeps working.
+EVENT_VERSION = 3
 EVENT_TYPE = "message.revoked"
 CLOUDEVENTS_TYPE = "im.message.revoked"
 APP_ID = "revoke-relay"
@@ -24,7 +25,8 @@ APP_ID = "revoke-relay"
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2b8e-5d3a-5b7e-9a41-2c0e7d9b4f10")
 
 ConversationType = Literal["c2c", "group", "official_account"]
-Role = Literal["sender", "group_admin", "app_admin", "unknown"]
+Role = Literal["sender", "group_admin", "app_admin", "moderator", "unknown"]
+Provider = Literal["tencent"]
 Enrichment = Literal["hit", "miss", "disabled", "error"]
 
 
@@ -62,6 +64,22 @@ def rfc3339_ms(epoch_ms: int) -> str:
 class Operator:
     user_id: str | None
     role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class RecallRequest:
+    """The recall-gateway request a recall callback was joined to (who asked for it, and when)."""
+
+    request_id: str
+    requested_by: str
+    requested_at_ms: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "requestID": self.request_id,
+            "requestedBy": self.requested_by,
+            "requestedAt": rfc3339_ms(self.requested_at_ms),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +124,8 @@ class RevokeEvent:
     enrichment: Enrichment = "disabled"
     sent_at_ms: int | None = None
     evidence: dict[str, object] | None = None
+    provider: Provider = "tencent"
+    recall_request: RecallRequest | None = None
 
     @property
     def routing_key(self) -> str:
@@ -118,6 +138,7 @@ class RevokeEvent:
             "version": EVENT_VERSION,
             "eventID": self.event_id,
             "type": EVENT_TYPE,
+            "provider": self.provider,
             "msgID": self.msg_id,
             "msgKey": self.msg_key,
             "msgSeq": self.msg_seq,
@@ -142,6 +163,7 @@ class RevokeEvent:
             "enrichment": self.enrichment,
             "sentAt": None if self.sent_at_ms is None else rfc3339_ms(self.sent_at_ms),
             "evidence": self.evidence,
+            "recallRequest": None if self.recall_request is None else self.recall_request.to_dict(),
         }
 
     def envelope(self) -> Envelope:

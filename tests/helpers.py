@@ -39,7 +39,7 @@ def answers(url: str, default_port: int) -> bool:
 
 
 EVENT_SCHEMA: dict[str, Any] = json.loads(
-    resources.files("relay").joinpath("schema/event.v2.json").read_text(encoding="utf-8")
+    resources.files("relay").joinpath("schema/event.v3.json").read_text(encoding="utf-8")
 )
 _VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
 

@@ -74,9 +74,10 @@ OFFICIAL = {
 def test_c2c_intl_variant_is_one_event_with_every_field() -> None:
     """A C2C recall without EventTime becomes one complete event timed at receipt."""
     expected = {
-        "version": 2,
+        "version": 3,
         "eventID": event_id(APP, "c2c", "90211_3019944112_1767225540"),
         "type": "message.revoked",
+        "provider": "tencent",
         "msgID": "90211_3019944112_1767225540",
         "msgKey": "90211_3019944112_1767225540",
         "msgSeq": None,
@@ -101,6 +102,7 @@ def test_c2c_intl_variant_is_one_event_with_every_field() -> None:
         "enrichment": "disabled",
         "sentAt": None,
         "evidence": None,
+        "recallRequest": None,
     }
     assert [expected] == run(C2C_INTL)
 
