@@ -24,8 +24,9 @@ RATE_LIMITED = frozenset({60007, 60011, 60018, 60019})
 INTERNAL = frozenset({91000, 10002})  # "internal error, retry"
 TENCENT_TIMEOUT = frozenset({60008})  # Tencent's own backend timed out: retry
 
-# The codes the reference documents for the recall APIs, for the ``info`` of items whose answer
-# carries no ErrorInfo of its own (a RetCode inside RecallRetList).
+# The codes Tencent documents for the recall APIs and for REST in general (error-code page
+# cloud.tencent.com/document/product/269/1671), for the ``info`` of an answer without ErrorInfo
+# (a RetCode inside RecallRetList).
 DESCRIPTIONS: Mapping[int, str] = {
     0: "recalled",
     10002: "internal error",
@@ -40,7 +41,8 @@ DESCRIPTIONS: Mapping[int, str] = {
     10041: "the app disallows group recall",
     20022: "message not found",
     20023: "already recalled",
-    60002: "invalid HTTP request or JSON",
+    60002: "invalid HTTP request",
+    60003: "invalid JSON",
     60004: "invalid account or UserSig",
     60005: "invalid account or UserSig",
     60006: "invalid SDKAppID",
@@ -48,6 +50,7 @@ DESCRIPTIONS: Mapping[int, str] = {
     60008: "Tencent timed out",
     60010: "needs an App admin",
     60011: "rate limited",
+    60012: "no SDKAppID in the request",
     60016: "app disabled",
     60018: "rate limited",
     60019: "rate limited",
@@ -56,6 +59,10 @@ DESCRIPTIONS: Mapping[int, str] = {
     70003: "UserSig truncated",
     70009: "UserSig made with the wrong key",
     70013: "UserSig identifier mismatch",
+    70014: "UserSig SDKAppID mismatch",
+    70016: "no key for this SDKAppID in this region",
+    70020: "SDKAppID unknown in this region",
+    70050: "UserSig failures rate limited: wait a minute",
     90001: "invalid JSON",
     90003: "unknown To_Account",
     90008: "unknown From_Account",

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from relay.errors import RelayError
 
+_EPSILON = 1e-9
+
 
 class Busy(RelayError):
     """The queue for a token is longer than the caller agreed to wait; ``wait`` is the estimate (s)."""
@@ -73,7 +75,9 @@ class TokenBucket:
             async with self._lock:
                 while True:
                     self._refill()
-                    if self._tokens >= 1:
+                    # Float rounding can leave 0.999…9 after an exact sleep: count that as a token
+                    # instead of sleeping for a nanosecond the clock cannot show.
+                    if self._tokens >= 1 - _EPSILON:
                         self._tokens -= 1
                         break
                     await self._sleep((1 - self._tokens) / self.rate)

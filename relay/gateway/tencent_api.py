@@ -267,6 +267,7 @@ class TencentApi:
         tries, sent, regenerated = self._attempts, 0, False
         no_answer: _NoAnswer | None = None  # the last request's, if it went unanswered
         unanswered = False  # some request went unanswered: it may have recalled what it carried
+        answered = False  # Tencent answered at least one request of this call
         reason: str | None = None
         while pending and tries > 0:
             if reason is not None:
@@ -292,7 +293,7 @@ class TencentApi:
                 if not result.retryable:
                     break
                 continue
-            no_answer = None
+            no_answer, answered = None, True
             code = result.code
             if code != 0:
                 act = action(code)
@@ -328,7 +329,8 @@ class TencentApi:
             pending = still
             if pending:
                 reason = retry_reason(last_code[pending[0]][0])
-        if pending and not final and no_answer is not None:
+        if not answered:  # every request failed on the network, with an HTTP error, or timed out
+            assert no_answer is not None
             m.calls.labels(api.name, no_answer.kind).inc()
             self._log.warning(
                 "relay.tencent_call_failed",
@@ -339,7 +341,7 @@ class TencentApi:
                 detail=no_answer.detail,
             )
             raise TencentUnreachable(no_answer.kind, no_answer.detail, attempts=sent)
-        for k in pending:  # retries exhausted; Tencent answered at least once
+        for k in pending:  # retries exhausted; Tencent answered at least once (a transient code)
             code, info = last_code.get(k, (NO_CODE, ""))
             then = f"; then {no_answer.detail}" if no_answer is not None else ""
             final[k] = Outcome("failed", code, f"{describe(code, info)} (after {sent} requests){then}")
