@@ -20,24 +20,13 @@ import aiohttp
 import orjson
 
 from relay.errors import RelayError
-from relay.gateway.outcomes import (
-    NO_CODE,
-    Answer,
-    Outcome,
-    action,
-    check_batch,
-    cut_reason,
-    describe,
-    read_answer,
-    retry_reason,
-    status_of,
-)
+from relay.gateway.outcomes import Answer, Outcome, check_batch, cut_reason, read_answer
+from relay.gateway.progress import USERSIG, Key, NoAnswer, Progress
 from relay.gateway.ratelimit import Busy, TokenBucket
 from relay.gateway.usersig import UserSigs
 from relay.log import get_logger
 from relay.metrics import Metrics
 
-Key = int | str  # a group MsgSeq, or a C2C / official-account MsgKey
 UnreachableKind = Literal["unreachable", "timeout", "busy"]
 
 # Tencent allows 200 calls/s per API per app; staying at 150 leaves room for clock and network jitter.
@@ -72,14 +61,6 @@ class TencentUnreachable(RelayError):
         self.kind: UnreachableKind = kind
         self.detail = detail
         self.attempts = attempts
-
-
-@dataclass(frozen=True, slots=True)
-class _NoAnswer:
-    kind: Literal["unreachable", "timeout"]
-    detail: str
-    reason: str  # retry reason label
-    retryable: bool
 
 
 def backoff_delay(retry: int, base: float, cap: float, floor: float = 0.0) -> float:
@@ -216,7 +197,7 @@ class TencentApi:
             bucket = self._buckets[key] = TokenBucket(self._rate, self._burst)
         return bucket
 
-    async def _request(self, app: str, api: Api, body: Mapping[str, object]) -> Answer | _NoAnswer:
+    async def _request(self, app: str, api: Api, body: Mapping[str, object]) -> Answer | NoAnswer:
         """One POST; a decoded answer, or why there is none (and whether another try may help)."""
         if self._session is None:
             raise RuntimeError("TencentApi.start() was not called")
@@ -239,40 +220,35 @@ class TencentApi:
             ) as resp:
                 status, raw = resp.status, await resp.read()
         except TimeoutError:
-            return _NoAnswer("timeout", f"no answer within {self._timeout_s:g} s", "timeout", True)
+            return NoAnswer("timeout", f"no answer within {self._timeout_s:g} s", "timeout", True)
         except (aiohttp.ClientError, OSError) as exc:
-            return _NoAnswer("unreachable", _describe(exc), "network", True)
+            return NoAnswer("unreachable", _describe(exc), "network", True)
         finally:
             self._metrics.request_seconds.labels(api.name).observe(time.monotonic() - started)
         if status != 200:
             # 5xx, 408 and 429 are a busy or broken front end: try again. Any other status is a
             # wrong URL or a proxy refusing us, which another try will not change.
             retryable = status >= 500 or status in (408, 429)
-            return _NoAnswer("unreachable", f"HTTP {status}", "http_status", retryable)
+            return NoAnswer("unreachable", f"HTTP {status}", "http_status", retryable)
         try:
             answer = read_answer(orjson.loads(raw), api.item_field)
         except orjson.JSONDecodeError:
             answer = None
         if answer is None:
-            return _NoAnswer("unreachable", "HTTP 200 without a Tencent answer", "invalid_answer", True)
+            return NoAnswer("unreachable", "HTTP 200 without a Tencent answer", "invalid_answer", True)
         return answer
 
     async def _call(
         self, app: str, api: Api, keys: list[Key], body_for: Callable[[Sequence[Key]], Mapping[str, object]]
     ) -> list[Outcome]:
         m = self._metrics
-        final: dict[Key, Outcome] = {}
-        last_code: dict[Key, tuple[int, str]] = {}  # the last retryable answer for a pending item
-        pending = list(keys)
-        tries, sent, regenerated = self._attempts, 0, False
-        no_answer: _NoAnswer | None = None  # the last request's, if it went unanswered
-        unanswered = False  # some request went unanswered: it may have recalled what it carried
-        answered = False  # Tencent answered at least one request of this call
+        progress = Progress(keys, api.item_field)
+        tries, sent = self._attempts, 0
         reason: str | None = None
-        while pending and tries > 0:
+        while progress.pending and tries > 0:
             if reason is not None:
                 m.retries.labels(api.name, reason).inc()
-                if reason != "usersig":  # a fresh UserSig needs no wait
+                if reason != USERSIG:  # a fresh UserSig needs no wait
                     base, cap, floor = self._backoff
                     await asyncio.sleep(backoff_delay(sent, base, cap, floor if reason == "rate_limited" else 0.0))
             try:
@@ -287,65 +263,30 @@ class TencentApi:
             m.rate_wait_seconds.labels(api.name).observe(waited)
             tries -= 1
             sent += 1
-            result = await self._request(app, api, body_for(pending))
-            if isinstance(result, _NoAnswer):
-                no_answer, unanswered, reason = result, True, result.reason
-                if not result.retryable:
-                    break
-                continue
-            no_answer, answered = None, True
-            code = result.code
-            if code != 0:
-                act = action(code)
-                if act == "regenerate" and not regenerated:
-                    # 7000x: expired, truncated or mismatched UserSig. Make a new one, once.
-                    regenerated, tries, reason = True, tries + 1, "usersig"
+            result = await self._request(app, api, body_for(progress.pending))
+            if isinstance(result, NoAnswer):
+                reason = progress.lost(result)
+            else:
+                reason = progress.read(result)
+                if reason == USERSIG:  # 7000x: expired, truncated or mismatched UserSig; one more try
                     self._sigs.invalidate(app)
-                    last_code.update((k, (code, result.info)) for k in pending)
-                    continue
-                if act == "retry":
-                    reason = retry_reason(code)
-                    last_code.update((k, (code, result.info)) for k in pending)
-                    continue
-                # A top-level FAIL applies to every item it carried.
-                final.update((k, Outcome(status_of(code), code, describe(code, result.info))) for k in pending)
-                pending = []
+                    tries += 1
+            if reason is None:
                 break
-            if api.item_field is None:  # C2C: the top-level answer is the message's
-                final[pending[0]] = Outcome("recalled", 0, describe(0, result.info))
-                pending = []
-                break
-            items = result.items or {}
-            still: list[Key] = []
-            for k in pending:  # OK at the top hides per-item failures: read each RetCode
-                ret = items.get(k)
-                if ret is None:
-                    final[k] = Outcome("failed", NO_CODE, "Tencent's answer has no RetCode for this message")
-                elif action(ret) == "retry":
-                    last_code[k] = (ret, describe(ret))
-                    still.append(k)
-                else:
-                    final[k] = Outcome(status_of(ret), ret, describe(ret))
-            pending = still
-            if pending:
-                reason = retry_reason(last_code[pending[0]][0])
-        if not answered:  # every request failed on the network, with an HTTP error, or timed out
-            assert no_answer is not None
-            m.calls.labels(api.name, no_answer.kind).inc()
+        if not progress.answered:  # every request failed on the network, with an HTTP error, or timed out
+            failure = progress.no_answer
+            assert failure is not None
+            m.calls.labels(api.name, failure.kind).inc()
             self._log.warning(
                 "relay.tencent_call_failed",
                 api=api.name,
                 sdk_app_id=app,
-                outcome=no_answer.kind,
+                outcome=failure.kind,
                 attempts=sent,
-                detail=no_answer.detail,
+                detail=failure.detail,
             )
-            raise TencentUnreachable(no_answer.kind, no_answer.detail, attempts=sent)
-        for k in pending:  # retries exhausted; Tencent answered at least once (a transient code)
-            code, info = last_code.get(k, (NO_CODE, ""))
-            then = f"; then {no_answer.detail}" if no_answer is not None else ""
-            final[k] = Outcome("failed", code, f"{describe(code, info)} (after {sent} requests){then}")
-        outcomes = [self._note(final[k], unanswered) for k in keys]
+            raise TencentUnreachable(failure.kind, failure.detail, attempts=sent)
+        outcomes = progress.outcomes(sent)
         m.calls.labels(api.name, "answered").inc()
         for outcome in outcomes:
             m.recalls.labels(api.name, outcome.status).inc()
@@ -363,15 +304,3 @@ class TencentApi:
                 info=refused[0].info,
             )
         return outcomes
-
-    @staticmethod
-    def _note(outcome: Outcome, unanswered: bool) -> Outcome:
-        # A group seq recalled by a request whose answer was lost is "not found" on the retry
-        # (Tencent probably answers 10030 for an already recalled seq): say so, the callback will tell.
-        if unanswered and outcome.status == "not_found":
-            return Outcome(
-                outcome.status,
-                outcome.tencent_code,
-                f"{outcome.info}; an unanswered earlier request may have recalled it",
-            )
-        return outcome
