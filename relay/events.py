@@ -197,15 +197,24 @@ class Envelope:
     def conversation_type(self) -> str:
         return self.routing_key.rpartition(".")[2]
 
+    @property
+    def type(self) -> str:
+        """The event type, from the routing key (``message.revoked.c2c`` → ``message.revoked``):
+        the AMQP ``type`` property, and with ``im.`` the CloudEvents type. Derived rather than
+        stored, so spooled events of every type replay exactly."""
+        return self.routing_key.rpartition(".")[0]
+
     def headers(self) -> dict[str, str]:
         """CloudEvents AMQP binding, binary mode, ``cloudEvents_`` prefix (spec-preferred over ``:``)."""
         return dict(zip(CLOUDEVENTS_HEADERS, self.header_values(), strict=True))
 
     def header_values(self) -> tuple[str, ...]:
         """The values of :data:`CLOUDEVENTS_HEADERS`, in that order."""
-        return ("1.0", self.event_id, self.source, CLOUDEVENTS_TYPE, self.subject, self.time)
+        cloudevents_type = CLOUDEVENTS_TYPE if self.routing_key.startswith(_REVOKED_PREFIX) else f"im.{self.type}"
+        return ("1.0", self.event_id, self.source, cloudevents_type, self.subject, self.time)
 
 
+_REVOKED_PREFIX = EVENT_TYPE + "."
 CLOUDEVENTS_HEADERS = (
     "cloudEvents_specversion",
     "cloudEvents_id",

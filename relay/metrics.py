@@ -23,6 +23,7 @@ PUBLISH_OUTCOMES = ("confirmed", *PUBLISH_REASONS)
 SPOOL_WRITE_FAILURES = ("full", "unavailable")
 LOOKUP_RESULTS = ("hit", "miss", "error", "disabled")
 STORE_OPS = ("get", "put")
+JOIN_RESULTS = ("joined", "unmatched", "error")
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
@@ -187,6 +188,14 @@ class Metrics:
             "Send records held by the embedded (in-memory) store; 0 with Redis.",
             registry=registry,
         )
+        self.recall_joins = Counter(
+            "relay_recall_joins_total",
+            "Recall events checked against recall-gateway requests: joined (reason and moderator added),"
+            " unmatched (a REST recall with no request on record: made outside the gateway), error (store down"
+            " or slow).",
+            ["result"],
+            registry=registry,
+        )
         self.broker_connects = Counter(
             "relay_broker_connects_total",
             "Successful connections (first and re-connections) to RabbitMQ.",
@@ -212,6 +221,8 @@ class Metrics:
             self.spool_write_failures.labels(reason)
         for result in LOOKUP_RESULTS:
             self.correlation_lookups.labels(result)
+        for result in JOIN_RESULTS:
+            self.recall_joins.labels(result)
         for op in STORE_OPS:
             self.correlation_store_seconds.labels(op)
             self.correlation_store_errors.labels(op)
