@@ -48,6 +48,80 @@ CONVERSATION_TYPES = ("c2c", "group", "official_account")
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
 
 
+# --- Recall gateway → Tencent REST (relay/gateway/tencent_api.py) ---------------------------------
+# The three recall APIs, by Tencent's command name.
+TENCENT_APIS = ("admin_msgwithdraw", "group_msg_recall", "official_account_msg_recall")
+TENCENT_CALL_OUTCOMES = ("answered", "unreachable", "timeout", "busy")
+TENCENT_STATUSES = ("recalled", "already_recalled", "not_found", "rejected", "failed")
+TENCENT_RETRY_REASONS = (
+    "network",
+    "timeout",
+    "http_status",
+    "invalid_answer",
+    "internal_error",
+    "tencent_timeout",
+    "rate_limited",
+    "usersig",
+)
+USERSIG_REASONS = ("new", "renewal", "invalidated")
+
+
+class TencentMetrics:
+    """The collectors of the gateway's REST client, every label combination created at zero."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "relay_tencent_calls_total",
+            "Recall calls to Tencent's REST API (a call's retries included), by API and outcome: answered,"
+            " no answer (unreachable, timeout), or not sent (busy: the rate-limit queue was too long).",
+            ["api", "outcome"],
+            registry=registry,
+        )
+        self.recalls = Counter(
+            "relay_tencent_recalls_total",
+            "Messages Tencent gave a final answer for, by API and status.",
+            ["api", "status"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "relay_tencent_retries_total",
+            "REST requests repeated within a call, by API and the reason for the repeat.",
+            ["api", "reason"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "relay_tencent_request_seconds",
+            "Time for one REST request to Tencent (each attempt), answered or not.",
+            ["api"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rate_wait_seconds = Histogram(
+            "relay_tencent_rate_wait_seconds",
+            "Time a REST request waited for the per-app, per-API rate limit.",
+            ["api"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.usersigs = Counter(
+            "relay_tencent_usersigs_total",
+            "UserSigs made, by reason: new (first use), renewal (before expiry), invalidated (after a 7000x answer).",
+            ["reason"],
+            registry=registry,
+        )
+        for api in TENCENT_APIS:
+            self.request_seconds.labels(api)
+            self.rate_wait_seconds.labels(api)
+            for outcome in TENCENT_CALL_OUTCOMES:
+                self.calls.labels(api, outcome)
+            for status in TENCENT_STATUSES:
+                self.recalls.labels(api, status)
+            for reason in TENCENT_RETRY_REASONS:
+                self.retries.labels(api, reason)
+        for reason in USERSIG_REASONS:
+            self.usersigs.labels(reason)
+
+
 class SpoolGauges(Protocol):
     max_bytes: int
     available: bool
@@ -239,6 +313,7 @@ class Metrics:
             "Successful connections (first and re-connections) to RabbitMQ.",
             registry=registry,
         )
+        self.tencent = TencentMetrics(registry)  # the recall gateway's REST client
         self._prime()
 
     def _prime(self) -> None:
