@@ -9,7 +9,7 @@ caller, the requestID, the message and the kind, so a request carried out again 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 from urllib.parse import quote
 
 import orjson
@@ -19,8 +19,8 @@ from relay.gateway.request import RecallCommand, Target
 from relay.tencent.normalize import group_server_key
 
 AUDIT_VERSION = 1
-REQUESTED = "message.recall_requested"
-FAILED = "message.recall_failed"
+REQUESTED: Final = "message.recall_requested"
+FAILED: Final = "message.recall_failed"
 AuditKind = Literal["message.recall_requested", "message.recall_failed"]
 
 

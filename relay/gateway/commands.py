@@ -119,7 +119,7 @@ class CommandConsumer:
             await message.reject(requeue=False)  # dead-lettered: it will never become valid
             return
         while True:
-            answer = await self.service.submit(command, REQUESTED_BY, take_over=message.redelivered)
+            answer = await self.service.submit(command, REQUESTED_BY, take_over=bool(message.redelivered))
             if answer.code != "request_in_progress":
                 break
             await asyncio.sleep(_WAIT_STEP)  # another delivery of the same request is being carried out

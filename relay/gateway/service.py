@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 from urllib.parse import quote
@@ -73,12 +73,19 @@ class Answer:
         return str(error["code"]) if isinstance(error, dict) else "ok"
 
 
-def error(status: int, code: str, message: str, *, fields: Sequence[FieldError] = (), **extra: object) -> Answer:
-    """An error answer: ``{"error": {"code", "message", "fields"?}, …}``."""
+def error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    fields: Sequence[FieldError] = (),
+    extra: Mapping[str, object] | None = None,
+) -> Answer:
+    """An error answer: ``{"error": {"code", "message", "fields"?}, …extra}``."""
     detail: dict[str, object] = {"code": code, "message": message}
     if fields:
         detail["fields"] = [f.to_dict() for f in fields]
-    return Answer(status, {"error": detail, **extra}, retry_after=status in (409, 503))
+    return Answer(status, {"error": detail, **(extra or {})}, retry_after=status in (409, 503))
 
 
 @dataclass(slots=True)
@@ -232,9 +239,9 @@ class RecallService:
         try:
             await self.dispatcher.dispatch([audit(REQUESTED, t) for t in command.messages])
         except SpoolError as exc:
-            code = "spool_full" if isinstance(exc, SpoolFull) else "spool_unavailable"
-            log.error("relay.recall_refused", request_id=command.request_id, code=code, error=str(exc)[:300])
-            return error(503, code, "the audit event cannot be made safe (broker down and spool unusable)")
+            refusal = "spool_full" if isinstance(exc, SpoolFull) else "spool_unavailable"
+            log.error("relay.recall_refused", request_id=command.request_id, code=refusal, error=str(exc)[:300])
+            return error(503, refusal, "the audit event cannot be made safe (broker down and spool unusable)")
 
         results = await self._call_tencent(command, tencent_reason or "")
         failed: list[Envelope] = []
@@ -260,7 +267,7 @@ class RecallService:
                 504 if timeout else 502,
                 "tencent_timeout" if timeout else "tencent_unreachable",
                 "Tencent's REST API did not answer" if timeout else "Tencent's REST API cannot be reached",
-                **body,
+                extra=body,
             )
         log.info(
             "relay.recall_requested",
