@@ -141,7 +141,7 @@ async def test_a_group_recall_is_batched_by_ten_and_answered_in_order(gw: Gatewa
 async def test_a_c2c_recall_calls_once_per_message_without_a_reason(gw: Gateway) -> None:
     """C2C: one admin_msgwithdraw per message; the audit event says no reason went to Tencent."""
     conversation = {"type": "c2c", "sender": "u_a", "receiver": "u_b"}
-    status, body, _ = await gw.recall(request(conversation, [{"msgKey": "k1"}, {"msgKey": "k2"}]))
+    status, _, _ = await gw.recall(request(conversation, [{"msgKey": "k1"}, {"msgKey": "k2"}]))
     assert 200 == status
     assert [("c2c", (APP, "u_a", "u_b", "k1")), ("c2c", (APP, "u_a", "u_b", "k2"))] == sorted(gw.tencent.calls)
     (first, _) = gw.events("message.recall_requested")
