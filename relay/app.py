@@ -22,6 +22,10 @@ from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStor
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
 from relay.fastpath import RelayRunner
+from relay.gateway.api import create_api_app
+from relay.gateway.commands import CommandConsumer
+from relay.gateway.service import RecallService
+from relay.gateway.tencent_api import TencentApi
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
@@ -51,6 +55,10 @@ ENRICHER = web.AppKey("enricher", Enricher)
 CALLBACK = web.AppKey("callback", CallbackHandler)
 WORKER = web.AppKey("worker", tuple)  # (index, count) under relay serve --workers, else ()
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+TENCENT = web.AppKey("tencent_api", TencentApi)
+GATEWAY = web.AppKey("recall_service", RecallService)
+API = web.AppKey("api_app", web.Application)  # the recall API, served on its own port
+COMMANDS = web.AppKey("command_consumer", CommandConsumer)
 
 
 def create_app(
@@ -65,11 +73,14 @@ def create_app(
     if publisher is None:
         publisher = AmqpPublisher.from_settings(settings, metrics)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes, clock=clock)
+    store = correlation_store(settings, metrics)
     enricher = Enricher(
-        correlation_store(settings, metrics),
+        store,
         metrics,
         budget=settings.enrichment_timeout,
         evidence=settings.evidence,
+        sends=settings.enrichment,
+        recalls=settings.gateway,
     )
     dispatcher = Dispatcher(publisher, spool, metrics)
     auth = Authenticator(settings.accepted_apps, settings.callback_tokens, settings.signature_max_age, clock)
@@ -106,16 +117,65 @@ def create_app(
     # Set up in this order, torn down in reverse: the drainer's final flush needs the spool and
     # the publisher, the spool must be closed before the broker connection goes.
     app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx, _correlation_ctx))
+    if settings.gateway and store is not None:
+        _add_gateway(app, settings, store, dispatcher, metrics, clock)
     return app
 
 
 def correlation_store(settings: Settings, metrics: Metrics) -> CorrelationStore | None:
-    """Redis when configured (shared by replicas), else the embedded store; None when enrichment is off."""
-    if not settings.enrichment:
+    """Redis when configured (shared by replicas), else the embedded store; None when neither
+    enrichment nor the recall gateway needs one."""
+    if not settings.enrichment and not settings.gateway:
         return None
+    # The gateway resolves a msgID through the send records: index them by msgID then.
+    index = settings.gateway and settings.enrichment
     if settings.redis_url:
-        return RedisStore(settings.redis_url, settings.correlation_ttl, metrics)
-    return MemoryStore(settings.correlation_ttl, settings.correlation_max_entries, metrics)
+        return RedisStore(settings.redis_url, settings.correlation_ttl, metrics, index_msg_ids=index)
+    return MemoryStore(settings.correlation_ttl, settings.correlation_max_entries, metrics, index_msg_ids=index)
+
+
+def _add_gateway(
+    app: web.Application,
+    settings: Settings,
+    store: CorrelationStore,
+    dispatcher: Dispatcher,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> None:
+    """The recall gateway: the Tencent REST client, the service, its HTTP API (served on
+    ``RELAY_API_PORT`` by ``relay serve``) and the command-queue consumer."""
+    tencent = TencentApi(
+        settings.tencent_api_url,
+        settings.tencent_admin,
+        settings.tencent_secret_keys,
+        metrics,
+        rate=settings.tencent_rate,
+        timeout=settings.tencent_timeout,
+        clock=clock,
+    )
+    service = RecallService(tencent, store, dispatcher, metrics, record_ttl=settings.recall_ttl, clock=clock)
+    app[TENCENT] = tencent
+    app[GATEWAY] = service
+    if settings.api_tokens:
+        app[API] = create_api_app(service, settings.api_tokens, metrics)
+    app.cleanup_ctx.append(_tencent_ctx)
+    if settings.command_queue is not None:
+        app[COMMANDS] = CommandConsumer(settings.amqp_url, settings.command_queue, service, metrics)
+        app.cleanup_ctx.append(_commands_ctx)
+
+
+async def _tencent_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[TENCENT].start()
+    yield
+    await app[TENCENT].close()
+
+
+async def _commands_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Started last, stopped first: no new command is taken once shutdown begins, and the ones
+    # being carried out still have the publisher, the spool and the store.
+    await app[COMMANDS].start()
+    yield
+    await app[COMMANDS].close()
 
 
 async def _correlation_ctx(app: web.Application) -> AsyncIterator[None]:

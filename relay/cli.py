@@ -1,4 +1,4 @@
-"""``relay`` command line: serve, check-config, send-sample, tail, spool stats|export|drain, correlation purge."""
+"""``relay`` command line: serve, check-config, send-sample, recall, tail, spool, correlation purge."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
-from relay.app import LIFECYCLE, METRICS, create_app, local_app, make_runner
+from relay.app import API, LIFECYCLE, METRICS, create_app, local_app, make_runner
 from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
@@ -35,6 +35,9 @@ from relay.tencent.samples import KINDS, callback_query, encode, sample_body
 from relay.workers import socket_path, supervise, worker_slot
 
 log = structlog.get_logger()
+# A recall being carried out when SIGTERM comes may wait on Tencent's retries; bounded so the whole
+# shutdown fits Kubernetes' grace period (docs/deploy.md).
+API_SHUTDOWN_TIMEOUT = 15.0
 
 
 def _settings(env: Mapping[str, str], *, require_apps: bool = True) -> Settings | None:
@@ -98,6 +101,13 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
         local = (web.AppRunner(local_app(app), access_log=None, handle_signals=False), path)
         await local[0].setup()
         await web.UnixSite(local[0], str(path)).start()
+    api: web.AppRunner | None = None
+    if API in app:
+        # The recall API: its own listener, so the callback port can face the internet alone.
+        api = web.AppRunner(app[API], access_log=None, handle_signals=False, shutdown_timeout=API_SHUTDOWN_TIMEOUT)
+        await api.setup()
+        await web.TCPSite(api, settings.host, settings.api_port, reuse_port=worker is not None).start()
+        log.info("relay.api_started", host=settings.host, port=settings.api_port)
     log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)
     # Everything built so far lives as long as the process: keep it out of every later garbage
     # collection, whose full passes over it otherwise cost tens of ms (the latency tail).
@@ -113,6 +123,10 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     app[LIFECYCLE].draining = True
     log.info("relay.draining", delay=settings.shutdown_delay)
     await asyncio.sleep(settings.shutdown_delay)
+    if api is not None:
+        # First, while the publisher, spool and store are still up: recalls being carried out
+        # finish (their callbacks still arrive on the open callback port), then the API closes.
+        await api.cleanup()
     await runner.cleanup()
     if local is not None:
         await local[0].cleanup()
@@ -272,10 +286,58 @@ def cmd_correlation(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-async def _post(url: str, body: bytes) -> tuple[int, str]:
+def cmd_recall(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Ask the local recall gateway to recall messages (POST /v1/recalls)."""
+    try:
+        settings: Settings | None = Settings.from_env(env, require_apps=False)
+    except ConfigError:
+        settings = None
+    token = args.token or env.get("RELAY_API_TOKEN")
+    if token is None and settings is not None and settings.api_tokens:
+        token = next(iter(settings.api_tokens.values()))[0]
+    app = args.app or (sorted(settings.tencent_secret_keys)[0] if settings and settings.tencent_secret_keys else None)
+    if token is None or app is None:
+        print("recall: pass --token and --app (or set RELAY_API_TOKENS and RELAY_TENCENT_SECRET_KEYS)", file=sys.stderr)
+        return 1
+    if args.group:
+        conversation: dict[str, object] = {"type": "group", "groupID": args.group}
+        if args.topic:
+            conversation["topicID"] = args.topic
+        messages: list[dict[str, object]] = [{"msgSeq": seq} for seq in args.seq]
+    elif args.c2c:
+        conversation = {"type": "c2c", "sender": args.c2c[0], "receiver": args.c2c[1]}
+        messages = [{"msgKey": key} for key in args.key]
+    else:
+        conversation = {"type": "official_account", "officialAccount": args.official_account}
+        messages = [{"msgKey": key} for key in args.key]
+    messages += [{"msgID": msg_id} for msg_id in args.msg_id]
+    if not messages:
+        print("recall: name at least one message (--seq, --key or --msg-id)", file=sys.stderr)
+        return 1
+    request: dict[str, object] = {
+        "sdkAppID": app,
+        "conversation": conversation,
+        "messages": messages,
+        "reason": args.reason,
+        "moderator": {"userID": args.moderator},
+    }
+    if args.request_id:
+        request["requestID"] = args.request_id
+    port = settings.api_port if settings else 8081
+    url = args.url or f"http://127.0.0.1:{port}/v1/recalls"
+    status, reply = asyncio.run(_post(url, orjson.dumps(request), {"Authorization": f"Bearer {token}"}))
+    print(f"POST {url} -> {status}")
+    try:
+        print(orjson.dumps(orjson.loads(reply), option=orjson.OPT_INDENT_2).decode())
+    except orjson.JSONDecodeError:
+        print(reply)
+    return 0 if status == 200 else 1
+
+
+async def _post(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(url, data=body, headers={"Content-Type": "application/json"}) as response,
+        session.post(url, data=body, headers={"Content-Type": "application/json", **(headers or {})}) as response,
     ):
         return response.status, await response.text()
 
@@ -307,6 +369,22 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     correlation.add_argument("action", choices=["purge"], help="purge: delete every send record of one sender")
     correlation.add_argument("--user", required=True, help="the sender's UserID")
     correlation.set_defaults(func=cmd_correlation)
+    recall = sub.add_parser("recall", help="ask the recall gateway (RELAY_API_PORT) to recall messages")
+    where = recall.add_mutually_exclusive_group(required=True)
+    where.add_argument("--group", metavar="GROUP_ID", help="a group conversation (messages: --seq)")
+    where.add_argument("--c2c", nargs=2, metavar=("SENDER", "RECEIVER"), help="a one-to-one conversation (--key)")
+    where.add_argument("--official-account", metavar="ACCOUNT", help="an official account (--key)")
+    recall.add_argument("--topic", help="the topic of a community group")
+    recall.add_argument("--seq", type=int, action="append", default=[], help="a group message's MsgSeq (repeatable)")
+    recall.add_argument("--key", action="append", default=[], help="a MsgKey (repeatable)")
+    recall.add_argument("--msg-id", action="append", default=[], help="a client msgID from a send record (repeatable)")
+    recall.add_argument("--reason", required=True, help="why (the full text goes into the events)")
+    recall.add_argument("--moderator", required=True, help="the moderator's UserID")
+    recall.add_argument("--request-id", help="idempotency key: the same ID again returns the first answer")
+    recall.add_argument("--app", help="SDKAppID (default: the first app in RELAY_TENCENT_SECRET_KEYS)")
+    recall.add_argument("--token", help="API token (default: RELAY_API_TOKEN, else the first of RELAY_API_TOKENS)")
+    recall.add_argument("--url", help="default: http://127.0.0.1:$RELAY_API_PORT/v1/recalls")
+    recall.set_defaults(func=cmd_recall)
     tail_ = sub.add_parser("tail", help="print events from the exchange live (a private, auto-deleted queue)")
     tail_.add_argument("--key", default=DEFAULT_KEY, help=f"binding key pattern (default: {DEFAULT_KEY})")
     tail_.add_argument("--json", action="store_true", help="JSON lines: routingKey, messageID and the event")

@@ -12,21 +12,24 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from relay.events import ConversationType, Enrichment, RevokeEvent
+from relay.errors import RelayError
+from relay.events import ConversationType, Enrichment, Operator, RecallRequest, RevokeEvent
 from relay.metrics import Metrics
 
 log = structlog.get_logger()
 
 KEY_PREFIX = "revoke-relay:send:"
+GATEWAY_PREFIX = "revoke-relay:"  # + recall:… / request:… / msgid:…
 _BATCH = 512
 _QUEUE_LIMIT = 20_000
 # A send callback whose records find the write queue full waits this long for room before they
@@ -50,6 +53,16 @@ class SendRecord:
     sender: str | None
     sent_at_ms: int | None
     evidence: dict[str, Any] | None = None
+    # Where the message lives, in the recall gateway's request vocabulary ({"conversation": …,
+    # "message": …}): indexed under its client msgID so a recall request may name it by msgID.
+    locator: dict[str, Any] | None = None
+
+    @property
+    def index_key(self) -> str | None:
+        """The gateway key of this message's msgID index entry, when it has a msgID and a locator."""
+        if self.client_msg_id is None or self.locator is None:
+            return None
+        return msg_id_key(self.key.partition("/")[0], self.client_msg_id)
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"m": self.client_msg_id, "s": self.sender, "t": self.sent_at_ms}
@@ -65,9 +78,24 @@ class SendRecord:
         return cls(key, _str(data.get("m")), _str(data.get("s")), _int(data.get("t")), _obj(data.get("e")))
 
 
+def msg_id_key(sdk_app_id: str, client_msg_id: str) -> str:
+    """Gateway key of the msgID index: client msgID → where the message lives (its locator)."""
+    return f"msgid:{sdk_app_id}/{client_msg_id}"
+
+
+class StoreError(RelayError):
+    """The correlation store could not read or write what the recall gateway needs."""
+
+
 class CorrelationStore(Protocol):
+    """Send records (best effort, batched) and the recall gateway's records (awaited, all-or-error).
+
+    Gateway keys are namespaced by kind (``recall:…``, ``request:…``, ``msgid:…``) and never
+    share the bounded send-record space, so a flood of sends cannot evict a pending request."""
+
     name: str
     local: bool  # in-process: a lookup never waits, so it needs no deadline
+    index_msg_ids: bool  # also write the msgID index of each send record (the gateway is on)
 
     async def start(self) -> None: ...
 
@@ -77,7 +105,19 @@ class CorrelationStore(Protocol):
         """Record; when the store is behind, wait a bounded time for room, then drop (counted)."""
 
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
-        """One round trip for all *keys*; raises on store failure."""
+        """Send records: one round trip for all *keys*; raises on store failure."""
+
+    async def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Gateway records, one round trip; raises :class:`StoreError`."""
+
+    async def put(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        """Write gateway records in one round trip, each expiring after *ttl* s; raises :class:`StoreError`."""
+
+    async def claim(self, key: str, value: bytes, ttl: float) -> bool:
+        """Write *key* only if it does not exist (an idempotency lease); False if it does."""
+
+    async def delete(self, key: str) -> None:
+        """Remove a gateway record; raises :class:`StoreError`."""
 
 
 class MemoryStore:
@@ -86,12 +126,23 @@ class MemoryStore:
     name = "memory"
     local = True
 
-    def __init__(self, ttl: float, max_entries: int, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        ttl: float,
+        max_entries: int,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        index_msg_ids: bool = False,
+    ):
         self._ttl = ttl
         self._max = max_entries
         self._metrics = metrics
         self._clock = clock
+        self.index_msg_ids = index_msg_ids
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # Gateway records, apart from the send records: expiring, bounded by the same limit.
+        self._gateway: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -101,6 +152,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._data.clear()
+        self._gateway.clear()
 
     async def submit(self, records: Sequence[SendRecord]) -> None:
         expires = self._clock() + self._ttl
@@ -109,9 +161,42 @@ class MemoryStore:
             # orjson's bytes keep their ~4 KiB output buffer; an exact-size copy is ~40x smaller
             # (measured: 4,098 -> 110 bytes a record), which is what a 100,000-record store holds.
             self._data[record.key] = (expires, bytes(memoryview(record.encode())))
+            index = record.index_key if self.index_msg_ids else None
+            if index is not None:
+                self._set(index, orjson.dumps(record.locator), self._ttl)
         while len(self._data) > self._max:  # oldest first: insertion order is send order
             self._data.popitem(last=False)
         self._metrics.correlation_writes.inc(len(records))
+
+    async def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        now = self._clock()
+        out: list[bytes | None] = []
+        for key in keys:
+            entry = self._gateway.get(key)
+            if entry is not None and entry[0] <= now:
+                del self._gateway[key]
+                entry = None
+            out.append(None if entry is None else entry[1])
+        return out
+
+    async def put(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        for key, value in items:
+            self._set(key, value, ttl)
+
+    async def claim(self, key: str, value: bytes, ttl: float) -> bool:
+        if (await self.get([key]))[0] is not None:
+            return False
+        self._set(key, value, ttl)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._gateway.pop(key, None)
+
+    def _set(self, key: str, value: bytes, ttl: float) -> None:
+        self._gateway.pop(key, None)
+        self._gateway[key] = (self._clock() + ttl, value)
+        while len(self._gateway) > self._max:
+            self._gateway.popitem(last=False)
 
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
         now = self._clock()
@@ -131,11 +216,12 @@ class RedisStore:
     name = "redis"
     local = False
 
-    def __init__(self, url: str, ttl: int, metrics: Metrics) -> None:
+    def __init__(self, url: str, ttl: int, metrics: Metrics, *, index_msg_ids: bool = False) -> None:
         self._client = aioredis.Redis.from_url(
             url, socket_connect_timeout=1.0, socket_timeout=1.0, health_check_interval=30
         )
         self._ttl = ttl
+        self.index_msg_ids = index_msg_ids
         self._metrics = metrics
         self._queue: asyncio.Queue[SendRecord] = asyncio.Queue(_QUEUE_LIMIT)
         self._writer: asyncio.Task[None] | None = None
@@ -179,6 +265,9 @@ class RedisStore:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for record in batch:
                         pipe.set(KEY_PREFIX + record.key, record.encode(), ex=self._ttl)
+                        index = record.index_key if self.index_msg_ids else None
+                        if index is not None:
+                            pipe.set(GATEWAY_PREFIX + index, orjson.dumps(record.locator), ex=self._ttl)
                     await pipe.execute()
                 self._metrics.correlation_writes.inc(len(batch))
                 self._metrics.correlation_store_seconds.labels("put").observe(time.perf_counter() - started)
@@ -202,6 +291,36 @@ class RedisStore:
         self._metrics.correlation_store_seconds.labels("get").observe(time.perf_counter() - started)
         # decode_responses is off, so values are bytes (or None for a miss).
         return [v if isinstance(v, bytes) or v is None else str(v).encode() for v in values]
+
+    async def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        values = await self._gateway_op("get", self._client.mget([GATEWAY_PREFIX + key for key in keys]))
+        return [v if isinstance(v, bytes) or v is None else str(v).encode() for v in values]
+
+    async def put(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.set(GATEWAY_PREFIX + key, value, px=int(ttl * 1000))
+            await self._gateway_op("put", pipe.execute())
+
+    async def claim(self, key: str, value: bytes, ttl: float) -> bool:
+        return bool(
+            await self._gateway_op("put", self._client.set(GATEWAY_PREFIX + key, value, px=int(ttl * 1000), nx=True))
+        )
+
+    async def delete(self, key: str) -> None:
+        await self._gateway_op("put", self._client.delete(GATEWAY_PREFIX + key))
+
+    async def _gateway_op(self, op: str, call: Awaitable[Any]) -> Any:
+        """Await a gateway round trip; a Redis failure becomes :class:`StoreError` (logged, counted)."""
+        started = time.perf_counter()
+        try:
+            result = await call
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._metrics.correlation_store_errors.labels(op).inc()
+            self._log_error(op, exc)
+            raise StoreError(f"correlation store {op} failed: {exc!r}"[:300]) from exc
+        self._metrics.correlation_store_seconds.labels(op).observe(time.perf_counter() - started)
+        return result
 
     async def purge_sender(self, sender: str, *, batch: int = 500) -> int:
         """Delete every record whose sender is *sender* (SCAN; for privacy requests, not the hot path)."""
@@ -234,42 +353,82 @@ class RedisStore:
 
 
 class Enricher:
-    """Applies send records to recall events; never raises, never waits past its budget."""
+    """Applies send records and recall-gateway requests to recall events; never raises, never
+    waits past its budget. *sends*: send records are kept (``RELAY_ENRICHMENT``); *recalls*: the
+    recall gateway is on, so recall callbacks are joined to the requests that caused them."""
 
-    def __init__(self, store: CorrelationStore | None, metrics: Metrics, *, budget: float, evidence: bool) -> None:
+    def __init__(
+        self,
+        store: CorrelationStore | None,
+        metrics: Metrics,
+        *,
+        budget: float,
+        evidence: bool,
+        sends: bool = True,
+        recalls: bool = False,
+    ) -> None:
         self.store = store
         self._metrics = metrics
         self._budget = budget
         self._evidence = evidence
+        self.sends = sends and store is not None
+        self._recalls = recalls and store is not None
         self._open_until = 0.0  # circuit breaker: skip lookups briefly after a failure
 
     async def record(self, records: Sequence[SendRecord]) -> None:
-        if self.store is not None and records:
+        if self.store is not None and self.sends and records:
             await self.store.submit(records)
 
     @property
     def unmatched(self) -> Enrichment:
         """What an event says when no send record is found for it: ``normalize`` marks events so
         from the start, and most events then need no copy here."""
-        return "disabled" if self.store is None else "miss"
+        return "miss" if self.sends else "disabled"
 
     async def enrich(self, events: Sequence[RevokeEvent]) -> list[RevokeEvent]:
         if not events:
             return []
-        if self.store is None:
+        store = self.store
+        if store is None or not (self.sends or self._recalls):
             return self._mark(events, "disabled")
         if time.monotonic() < self._open_until:
-            return self._mark(events, "error")
+            self._count_joins(events, "error")
+            return self._mark(events, "error") if self.sends else list(events)
         keys = [correlation_key(e.sdk_app_id, e.conversation.type, e.server_key) for e in events]
+        joins = [recall_key_of(e) for e in events] if self._recalls else []
+        wanted = [k for k in joins if k is not None]
         try:
-            if self.store.local:
-                found = await self.store.lookup(keys)  # in-process: nothing to wait for
+            if store.local:
+                found, requests = await self._lookups(store, keys, wanted)  # in-process: nothing to wait for
             else:
                 async with asyncio.timeout(self._budget):
-                    found = await self.store.lookup(keys)
+                    found, requests = await self._lookups(store, keys, wanted)
         except Exception:  # noqa: BLE001 - timeout or store failure: publish unenriched
             self._open_until = time.monotonic() + _BREAKER_SECONDS
-            return self._mark(events, "error")
+            self._count_joins(events, "error")
+            return self._mark(events, "error") if self.sends else list(events)
+        enriched = self._apply_sends(events, keys, found) if self.sends else self._mark(events, "disabled")
+        if self._recalls:
+            by_key = dict(zip(wanted, requests, strict=True))
+            enriched = [
+                self._join(event, by_key.get(key) if key else None) for event, key in zip(enriched, joins, strict=True)
+            ]
+        return enriched
+
+    async def _lookups(
+        self, store: CorrelationStore, keys: list[str], joins: list[str]
+    ) -> tuple[list[bytes | None], list[bytes | None]]:
+        """Send records and recall requests, in parallel when both are wanted (one round trip each)."""
+        if not joins:
+            return await store.lookup(keys) if self.sends else [], []
+        if not self.sends:
+            return [], await store.get(joins)
+        found, requests = await asyncio.gather(store.lookup(keys), store.get(joins))
+        return found, requests
+
+    def _apply_sends(
+        self, events: Sequence[RevokeEvent], keys: list[str], found: list[bytes | None]
+    ) -> list[RevokeEvent]:
         enriched: list[RevokeEvent] = []
         for event, key, raw in zip(events, keys, found, strict=True):
             if raw is None:
@@ -284,9 +443,82 @@ class Enricher:
             enriched.append(apply(event, record, evidence=self._evidence))
         return enriched
 
+    def _join(self, event: RevokeEvent, raw: bytes | None) -> RevokeEvent:
+        if raw is not None:
+            try:
+                joined = apply_request(event, raw)
+            except ValueError:
+                self._metrics.child(self._metrics.recall_joins, "error").inc()
+                return event
+            self._metrics.child(self._metrics.recall_joins, "joined").inc()
+            return joined
+        if _is_rest(event):
+            # Recalled over REST, but not through this gateway (another tool, or the record expired).
+            self._metrics.child(self._metrics.recall_joins, "unmatched").inc()
+        return event
+
+    def _count_joins(self, events: Sequence[RevokeEvent], result: str) -> None:
+        if self._recalls:
+            self._metrics.child(self._metrics.recall_joins, result).inc(len(events))
+
     def _mark(self, events: Sequence[RevokeEvent], result: Enrichment) -> list[RevokeEvent]:
         self._metrics.child(self._metrics.correlation_lookups, result).inc(len(events))
         return [e if e.enrichment == result else replace(e, enrichment=result) for e in events]
+
+
+def recall_key(sdk_app_id: str, conversation_type: ConversationType, parts: Sequence[str]) -> str:
+    """Gateway key of a recall request for one message: the join key of the issue, each part
+    percent-encoded so ``/`` only separates. C2C: (sender, receiver, MsgKey); group: (GroupId,
+    TopicId or "", MsgSeq); official account: (account, MsgKey)."""
+    return f"recall:{sdk_app_id}/{conversation_type}/" + "/".join(quote(part, safe="") for part in parts)
+
+
+def recall_key_of(event: RevokeEvent) -> str | None:
+    """The join key a recall callback's event is looked up under; None when it cannot be one of
+    the gateway's (a client platform recalled it, or an identifying part is unknown)."""
+    if event.platform is not None and not _is_rest(event):
+        return None  # a user's or group admin's own recall from a client, not a REST request
+    c = event.conversation
+    if c.type == "c2c":
+        if event.sender is None or c.receiver is None or event.msg_key is None:
+            return None
+        return recall_key(event.sdk_app_id, "c2c", (event.sender, c.receiver, event.msg_key))
+    if c.type == "group":
+        if c.group_id is None or event.msg_seq is None:
+            return None
+        return recall_key(event.sdk_app_id, "group", (c.group_id, c.topic_id or "", str(event.msg_seq)))
+    if c.official_account is None or event.msg_key is None:
+        return None
+    return recall_key(event.sdk_app_id, "official_account", (c.official_account, event.msg_key))
+
+
+def _is_rest(event: RevokeEvent) -> bool:
+    return event.platform is not None and event.platform.lower() == "restapi"
+
+
+def encode_request_record(request: RecallRequest, reason: str, moderator: str) -> bytes:
+    """What a recall callback needs from the request that caused it (stored under its recall key)."""
+    return orjson.dumps(
+        {"i": request.request_id, "b": request.requested_by, "t": request.requested_at_ms, "r": reason, "m": moderator}
+    )
+
+
+def apply_request(event: RevokeEvent, raw: bytes) -> RevokeEvent:
+    """The event with the reason and moderator of the gateway request that caused it."""
+    data = orjson.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("recall record is not an object")
+    request_id, by, at, reason, moderator = (data.get(k) for k in ("i", "b", "t", "r", "m"))
+    if not (isinstance(request_id, str) and isinstance(by, str) and isinstance(reason, str)):
+        raise ValueError("recall record lacks requestID, requestedBy or reason")
+    if not isinstance(at, int) or not isinstance(moderator, str):
+        raise ValueError("recall record lacks requestedAt or moderator")
+    return replace(
+        event,
+        reason=reason,
+        operator=Operator(moderator, "moderator"),
+        recall_request=RecallRequest(request_id, by, at),
+    )
 
 
 def apply(event: RevokeEvent, record: SendRecord, *, evidence: bool) -> RevokeEvent:

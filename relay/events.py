@@ -35,10 +35,16 @@ def event_id(sdk_app_id: str, conversation_type: ConversationType, server_key: s
 
     The name is ``<SdkAppid>/<conversation type>/<server key>``; SdkAppid is digits and the type a
     fixed word, so only the last part can hold a ``/`` and the name stays unambiguous. This is
-    ``uuid.uuid5(EVENT_ID_NAMESPACE, name)`` computed without building UUID objects (hot path).
+    ``uuid.uuid5(EVENT_ID_NAMESPACE, name)``.
     """
-    name = f"{sdk_app_id}/{conversation_type}/{server_key}".encode()
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()[:16])
+    return name_id(f"{sdk_app_id}/{conversation_type}/{server_key}")
+
+
+def name_id(name: str) -> str:
+    """``str(uuid.uuid5(EVENT_ID_NAMESPACE, name))``, computed without building UUID objects (hot path).
+    Every eventID of every kind is one of these; each kind's names have their own shape, so they
+    cannot collide."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest.hex()
@@ -197,15 +203,24 @@ class Envelope:
     def conversation_type(self) -> str:
         return self.routing_key.rpartition(".")[2]
 
+    @property
+    def type(self) -> str:
+        """The event type, from the routing key (``message.revoked.c2c`` → ``message.revoked``):
+        the AMQP ``type`` property, and with ``im.`` the CloudEvents type. Derived rather than
+        stored, so spooled events of every type replay exactly."""
+        return self.routing_key.rpartition(".")[0]
+
     def headers(self) -> dict[str, str]:
         """CloudEvents AMQP binding, binary mode, ``cloudEvents_`` prefix (spec-preferred over ``:``)."""
         return dict(zip(CLOUDEVENTS_HEADERS, self.header_values(), strict=True))
 
     def header_values(self) -> tuple[str, ...]:
         """The values of :data:`CLOUDEVENTS_HEADERS`, in that order."""
-        return ("1.0", self.event_id, self.source, CLOUDEVENTS_TYPE, self.subject, self.time)
+        cloudevents_type = CLOUDEVENTS_TYPE if self.routing_key.startswith(_REVOKED_PREFIX) else f"im.{self.type}"
+        return ("1.0", self.event_id, self.source, cloudevents_type, self.subject, self.time)
 
 
+_REVOKED_PREFIX = EVENT_TYPE + "."
 CLOUDEVENTS_HEADERS = (
     "cloudEvents_specversion",
     "cloudEvents_id",

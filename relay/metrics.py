@@ -23,6 +23,26 @@ PUBLISH_OUTCOMES = ("confirmed", *PUBLISH_REASONS)
 SPOOL_WRITE_FAILURES = ("full", "unavailable")
 LOOKUP_RESULTS = ("hit", "miss", "error", "disabled")
 STORE_OPS = ("get", "put")
+JOIN_RESULTS = ("joined", "unmatched", "error")
+RECALL_STATUSES = ("recalled", "already_recalled", "not_found", "rejected", "failed")
+# Outcomes of a recall-gateway request: ok, replayed, or an error code of docs/recall-gateway.md.
+RECALL_OUTCOMES = (
+    "ok",
+    "replayed",
+    "invalid_json",
+    "invalid_body",
+    "invalid_request",
+    "unauthorized",
+    "body_too_large",
+    "app_not_configured",
+    "request_id_conflict",
+    "request_in_progress",
+    "store_unavailable",
+    "spool_full",
+    "spool_unavailable",
+    "tencent_unreachable",
+    "tencent_timeout",
+)
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
@@ -261,6 +281,33 @@ class Metrics:
             "Send records held by the embedded (in-memory) store; 0 with Redis.",
             registry=registry,
         )
+        self.recall_joins = Counter(
+            "relay_recall_joins_total",
+            "Recall events checked against recall-gateway requests: joined (reason and moderator added),"
+            " unmatched (a REST recall with no request on record: made outside the gateway), error (store down"
+            " or slow).",
+            ["result"],
+            registry=registry,
+        )
+        self.recall_requests = Counter(
+            "relay_recall_requests_total",
+            "Recall-gateway requests by way in (api, amqp) and outcome: ok, replayed (the stored answer"
+            " to a repeated requestID) or the error code.",
+            ["via", "outcome"],
+            registry=registry,
+        )
+        self.recall_request_seconds = Histogram(
+            "relay_recall_request_seconds",
+            "Time to carry out a recall-gateway request (Tencent's REST calls included).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.recall_messages = Counter(
+            "relay_recall_messages_total",
+            "Messages of recall-gateway requests by result: recalled, already_recalled, not_found, rejected, failed.",
+            ["status"],
+            registry=registry,
+        )
         self.broker_connects = Counter(
             "relay_broker_connects_total",
             "Successful connections (first and re-connections) to RabbitMQ.",
@@ -287,6 +334,13 @@ class Metrics:
             self.spool_write_failures.labels(reason)
         for result in LOOKUP_RESULTS:
             self.correlation_lookups.labels(result)
+        for via in ("api", "amqp"):
+            for outcome in RECALL_OUTCOMES:
+                self.recall_requests.labels(via, outcome)
+        for status in RECALL_STATUSES:
+            self.recall_messages.labels(status)
+        for result in JOIN_RESULTS:
+            self.recall_joins.labels(result)
         for op in STORE_OPS:
             self.correlation_store_seconds.labels(op)
             self.correlation_store_errors.labels(op)

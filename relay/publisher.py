@@ -30,16 +30,27 @@ from relay.settings import Settings
 log = structlog.get_logger()
 
 BINDING_KEY = f"{EVENT_TYPE}.#"
+# Audit queues (RELAY_AUDIT_QUEUES) take every event kind: revocations and the recall gateway's
+# message.recall_requested / message.recall_failed (docs/recall-gateway.md).
+AUDIT_BINDING_KEY = "message.#"
 # Hung-broker detection takes two heartbeats; 5 s keeps it near the publish timeout.
 DEFAULT_HEARTBEAT = 5
 _CONNECT_TIMEOUT = 10.0
-_PROPERTIES = amqp.PropertiesTemplate(
-    content_type="application/json",
-    delivery_mode=2,  # persistent
-    type=EVENT_TYPE,
-    app_id=APP_ID,
-    header_keys=CLOUDEVENTS_HEADERS,
-)
+_TEMPLATES: dict[str, amqp.PropertiesTemplate] = {}
+
+
+def _properties(event_type: str) -> amqp.PropertiesTemplate:
+    """The encoded-once AMQP properties of one event type (a handful of types exist)."""
+    template = _TEMPLATES.get(event_type)
+    if template is None:
+        template = _TEMPLATES[event_type] = amqp.PropertiesTemplate(
+            content_type="application/json",
+            delivery_mode=2,  # persistent
+            type=event_type,
+            app_id=APP_ID,
+            header_keys=CLOUDEVENTS_HEADERS,
+        )
+    return template
 
 
 class Publisher(Protocol):
@@ -84,11 +95,12 @@ class AmqpPublisher:
         *,
         connection_name: str = "revoke-relay",
         reconnect_max: float = 5.0,
+        audit_queues: tuple[str, ...] = (),
     ) -> None:
         self._url = url
         self._heartbeat = heartbeat_of(url)
         self._exchange = exchange
-        self._queues = queues
+        self._bindings = tuple((q, BINDING_KEY) for q in queues) + tuple((q, AUDIT_BINDING_KEY) for q in audit_queues)
         self._timeout = publish_timeout
         self._metrics = metrics
         self._name = connection_name
@@ -112,6 +124,7 @@ class AmqpPublisher:
             settings.publish_timeout,
             metrics,
             connection_name=connection_name,
+            audit_queues=settings.audit_queues,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -165,11 +178,11 @@ class AmqpPublisher:
             commands.Exchange.Declare(exchange=self._exchange, exchange_type="topic", durable=True),
             commands.Exchange.DeclareOk,
         )
-        for name in self._queues:
+        for name, binding_key in self._bindings:
             if name not in self._bind_only:
                 await self._declare_queue(connection, name)
             await connection.call(
-                commands.Queue.Bind(queue=name, exchange=self._exchange, routing_key=BINDING_KEY),
+                commands.Queue.Bind(queue=name, exchange=self._exchange, routing_key=binding_key),
                 commands.Queue.BindOk,
             )
         self._last_confirm = time.monotonic()
@@ -177,7 +190,7 @@ class AmqpPublisher:
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
         self.connected.set()
-        log.info("relay.broker_connected", exchange=self._exchange, queues=list(self._queues))
+        log.info("relay.broker_connected", exchange=self._exchange, queues=[q for q, _ in self._bindings])
 
     async def _declare_queue(self, connection: amqp.Connection, name: str) -> None:
         """Declare a quorum queue (replicated, always durable: the recommended type for data safety).
@@ -239,7 +252,7 @@ class AmqpPublisher:
         if connection.blocked:
             # Publishing now would sit in the socket buffer until the alarm clears; fail fast.
             raise self._failed("blocked", "broker resource alarm")
-        properties = _PROPERTIES.encode(envelope.event_id, envelope.timestamp, envelope.header_values())
+        properties = _properties(envelope.type).encode(envelope.event_id, envelope.timestamp, envelope.header_values())
         started = time.perf_counter()
         try:
             await connection.publish(self._exchange, envelope.routing_key, envelope.body, properties, envelope.event_id)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 from relay.access import Network, parse_networks
@@ -72,20 +73,40 @@ class Settings:
     evidence: bool = False
     evidence_max_bytes: int = 4096
     workers: int = 1
+    # -- recall gateway (docs/recall-gateway.md) --
+    audit_queues: tuple[str, ...] = ()
+    # caller NAME -> its API tokens (several during a rotation). Never printed.
+    api_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    api_port: int = 8081
+    tencent_api_url: str = "https://console.tim.qq.com"
+    tencent_admin: str = "administrator"
+    # SdkAppid -> the console's secret key. Never printed, logged or put in an event.
+    tencent_secret_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tencent_rate: float = 150.0
+    tencent_timeout: float = 5.0
+    recall_ttl: int = 24 * 3600
+    command_queue: str | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
         tokens = {app: "***" for app in self.callback_tokens}
         redis = redact_url(self.redis_url) if self.redis_url else None
+        api_tokens = {name: "***" for name in self.api_tokens}
+        keys = {app: "***" for app in self.tencent_secret_keys}
         return (
             f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
-            f"redis_url={redis!r})"
+            f"redis_url={redis!r}, api_tokens={api_tokens!r}, tencent_secret_keys={keys!r})"
         )
 
     @property
     def accepted_apps(self) -> frozenset[str]:
         """Every SdkAppid the relay serves: listed, or holding a callback token."""
         return self.sdkappids | frozenset(self.callback_tokens)
+
+    @property
+    def gateway(self) -> bool:
+        """The recall gateway is on: an API token or a command queue is configured."""
+        return bool(self.api_tokens) or self.command_queue is not None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, require_apps: bool = True) -> Settings:
@@ -128,13 +149,18 @@ class Settings:
             else:
                 values["exchange"] = exchange
 
-        queues = _split(get("RELAY_QUEUES"))
-        if any(q.startswith("amq.") or not _AMQP_NAME.fullmatch(q) for q in queues):
-            problems.append(f"RELAY_QUEUES: a name is reserved ('amq.'), too long or {_NAME_RULE}")
-        elif len(set(queues)) != len(queues):
-            problems.append("RELAY_QUEUES: a queue is listed twice")
-        else:
-            values["queues"] = tuple(queues)
+        for name, key in (("RELAY_QUEUES", "queues"), ("RELAY_AUDIT_QUEUES", "audit_queues")):
+            queues = _split(get(name))
+            if any(q.startswith("amq.") or not _AMQP_NAME.fullmatch(q) for q in queues):
+                problems.append(f"{name}: a name is reserved ('amq.'), too long or {_NAME_RULE}")
+            elif len(set(queues)) != len(queues):
+                problems.append(f"{name}: a queue is listed twice")
+            else:
+                values[key] = tuple(queues)
+        if set(cast(tuple[str, ...], values.get("queues", ()))) & set(
+            cast(tuple[str, ...], values.get("audit_queues", ()))
+        ):
+            problems.append("RELAY_AUDIT_QUEUES: a queue is also in RELAY_QUEUES (one binding each)")
 
         host = get("RELAY_HOST")
         if host is not None:
@@ -221,6 +247,7 @@ class Settings:
             else:
                 values[key] = raw.lower()
 
+        _gateway_from_env(get, number, values, problems)
         if problems:
             raise ConfigError(problems)
         return cls(**values)  # type: ignore[arg-type]
@@ -228,3 +255,76 @@ class Settings:
 
 def _split(raw: str | None) -> list[str]:
     return [item.strip() for item in (raw or "").split(",") if item.strip()]
+
+
+_API_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_MIN_API_TOKEN = 16
+
+
+def _gateway_from_env(
+    get: Callable[[str], str | None],
+    number: Callable[[str, str, type[int] | type[float], float, float], None],
+    values: dict[str, object],
+    problems: list[str],
+) -> None:
+    """The recall gateway's RELAY_API_* / RELAY_TENCENT_* / RELAY_RECALL_* / RELAY_COMMAND_QUEUE settings."""
+    tokens: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for pair in _split(get("RELAY_API_TOKENS")):
+        name, sep, token = (part.strip() for part in pair.partition("="))
+        if not sep or not _API_NAME.fullmatch(name) or len(token) < _MIN_API_TOKEN:
+            # Name the caller only: the token itself is a secret.
+            problems.append(
+                f"RELAY_API_TOKENS: expected NAME=TOKEN pairs (NAME: A-Z a-z 0-9 _ . -, TOKEN: at least "
+                f"{_MIN_API_TOKEN} characters), got a malformed pair for {name[:20]!r}"
+            )
+            continue
+        if owner.setdefault(token, name) != name:
+            problems.append(f"RELAY_API_TOKENS: {name!r} and {owner[token]!r} share a token")
+            continue
+        tokens.setdefault(name, [])
+        if token not in tokens[name]:
+            tokens[name].append(token)
+    values["api_tokens"] = {name: tuple(ts) for name, ts in tokens.items()}
+    number("RELAY_API_PORT", "api_port", int, 0, 65535)
+
+    url = get("RELAY_TENCENT_API_URL")
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+            problems.append(f"RELAY_TENCENT_API_URL: expected https://<domain>, got {redact_url(url)!r}")
+        else:
+            values["tencent_api_url"] = url.rstrip("/")
+    admin = get("RELAY_TENCENT_ADMIN")
+    if admin is not None:
+        values["tencent_admin"] = admin
+    keys: dict[str, str] = {}
+    for pair in _split(get("RELAY_TENCENT_SECRET_KEYS")):
+        app, sep, key = (part.strip() for part in pair.partition("="))
+        if not sep or not app.isdigit() or not key:
+            problems.append(
+                f"RELAY_TENCENT_SECRET_KEYS: expected SDKAPPID=KEY pairs, got a malformed pair for {app[:20]!r}"
+            )
+        elif app in keys:
+            problems.append(f"RELAY_TENCENT_SECRET_KEYS: app {app} is listed twice")
+        else:
+            keys[app] = key
+    values["tencent_secret_keys"] = keys
+    accepted = cast(frozenset[str], values.get("sdkappids", frozenset())) | frozenset(
+        cast(Mapping[str, object], values.get("callback_tokens", {}))
+    )
+    strays = sorted(app for app in keys if app not in accepted)
+    if strays:
+        problems.append(
+            f"RELAY_TENCENT_SECRET_KEYS: app(s) {', '.join(strays)} not in RELAY_SDKAPPIDS or RELAY_CALLBACK_TOKENS:"
+            " their recall callbacks would be refused and never joined to a request"
+        )
+    number("RELAY_TENCENT_RATE", "tencent_rate", float, 1, 200)
+    number("RELAY_TENCENT_TIMEOUT", "tencent_timeout", float, 0.1, 60)
+    number("RELAY_RECALL_TTL", "recall_ttl", int, 60, 30 * 24 * 3600)
+    queue = get("RELAY_COMMAND_QUEUE")
+    if queue is not None:
+        if queue.startswith("amq.") or not _AMQP_NAME.fullmatch(queue):
+            problems.append(f"RELAY_COMMAND_QUEUE: {queue!r} is reserved, too long or {_NAME_RULE}")
+        else:
+            values["command_queue"] = queue

@@ -162,11 +162,13 @@ check_kubernetes_validate() {
 # check cross-resource invariants of the core resources (shutdown budget, spool on the PVC).
 check_custom_resources() {
   "$PYTOOLS" - "$WORK/rendered" "$ALERTS" <<'PY'
-import pathlib, sys, yaml
+import pathlib, re, sys, yaml
 
 rendered, alerts_path = pathlib.Path(sys.argv[1]), sys.argv[2]
 alerts = yaml.safe_load(open(alerts_path))
 problems, checked = [], 0
+# The relay's own bound on recalls in flight at shutdown (read from the code, so both stay in step).
+API_SHUTDOWN_TIMEOUT = float(re.search(r"^API_SHUTDOWN_TIMEOUT = ([0-9.]+)", pathlib.Path("relay/cli.py").read_text(), re.M).group(1))
 
 def need(cond, msg):
     if not cond:
@@ -184,10 +186,11 @@ for core_path in sorted(rendered.glob("*.core.yaml")):
     pod = sts["spec"]["template"]["spec"]
     ctr = pod["containers"][0]
 
-    # Shutdown budget: grace >= preStop + shutdown delay + in-flight (publish timeout + 2) + drain + 2.
+    # Shutdown budget: grace >= preStop + shutdown delay + recalls in flight on the API port
+    # (relay.cli.API_SHUTDOWN_TIMEOUT) + in-flight callbacks (publish timeout + 2) + drain + 2.
     pre = ctr["lifecycle"]["preStop"]
     pre_s = float(pre["exec"]["command"][-1]) if "exec" in pre else float(pre["sleep"]["seconds"])
-    need_s = pre_s + float(cm["RELAY_SHUTDOWN_DELAY"]) + float(cm["RELAY_PUBLISH_TIMEOUT"]) + 2 \
+    need_s = pre_s + float(cm["RELAY_SHUTDOWN_DELAY"]) + API_SHUTDOWN_TIMEOUT + float(cm["RELAY_PUBLISH_TIMEOUT"]) + 2 \
         + float(cm["RELAY_DRAIN_TIMEOUT"]) + 2
     grace = pod["terminationGracePeriodSeconds"]
     need(grace >= need_s, f"{overlay}: terminationGracePeriodSeconds {grace} < shutdown budget {need_s:g}")

@@ -38,9 +38,13 @@ def answers(url: str, default_port: int) -> bool:
         return False
 
 
-EVENT_SCHEMA: dict[str, Any] = json.loads(
-    resources.files("relay").joinpath("schema/event.v3.json").read_text(encoding="utf-8")
-)
+def load_schema(name: str) -> dict[str, Any]:
+    """A JSON Schema the package ships (relay/schema/<name>)."""
+    loaded: dict[str, Any] = json.loads(resources.files("relay").joinpath(f"schema/{name}").read_text(encoding="utf-8"))
+    return loaded
+
+
+EVENT_SCHEMA = load_schema("event.v3.json")
 _VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
 
 

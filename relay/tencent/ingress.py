@@ -213,7 +213,7 @@ class CallbackHandler:
         return OK, command, "accepted"
 
     def _records(self, command: str) -> bool:
-        return command in SEND_COMMANDS and self.enricher.store is not None
+        return command in SEND_COMMANDS and self.enricher.sends
 
     def _ignored(self, command: str) -> Reply:
         log.debug("relay.callback_ignored", command=command)

@@ -36,24 +36,38 @@ def parse_send(
         return []  # the message was not delivered: it can never be recalled
     sent_at_ms = _seconds_to_ms(data.get("MsgTime"))
     proof = _evidence(data, evidence_max_bytes) if evidence else None
+    # The locator says where the message lives in the recall gateway's request vocabulary, so a
+    # recall request may name the message by its client msgID (docs/recall-gateway.md).
     if command == C2C_SEND:
-        key = correlation_key(app, "c2c", _required(data, "MsgKey"))
+        msg_key = _required(data, "MsgKey")
+        key = correlation_key(app, "c2c", msg_key)
         sender = _required(data, "From_Account")
+        receiver = _str(data.get("To_Account"))
+        # Without the receiver the message cannot be recalled by msgID (admin_msgwithdraw needs it).
+        locator = None if not receiver else _locator({"type": "c2c", "sender": sender, "receiver": receiver}, msg_key)
     elif command == GROUP_SEND:
         seq = data.get("MsgSeq")
         if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
             raise Rejection(Reject.INVALID_FIELD, "MsgSeq is not a non-negative integer")
         topic = _str(data.get("TopicId")) or None
-        key = correlation_key(app, "group", group_server_key(_required(data, "GroupId"), topic, seq))
+        group = _required(data, "GroupId")
+        key = correlation_key(app, "group", group_server_key(group, topic, seq))
         sender = _required(data, "From_Account")
+        locator = {"conversation": {"type": "group", "groupID": group, "topicID": topic}, "message": {"msgSeq": seq}}
     elif command == OFFICIAL_ACCOUNT_SEND:
-        key = correlation_key(app, "official_account", _required(data, "MsgKey"))
+        msg_key = _required(data, "MsgKey")
+        key = correlation_key(app, "official_account", msg_key)
         sender = _required(data, "Official_Account")
+        locator = _locator({"type": "official_account", "officialAccount": sender}, msg_key)
     else:
         raise ValueError(f"{command!r} is not a send command")  # caller routes only sends here
     msg_id = data.get("MsgId")
     client_msg_id = msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= MAX_ID_CHARS else None
-    return [SendRecord(key, client_msg_id, sender, sent_at_ms, proof)]
+    return [SendRecord(key, client_msg_id, sender, sent_at_ms, proof, locator)]
+
+
+def _locator(conversation: dict[str, Any], msg_key: str) -> dict[str, Any]:
+    return {"conversation": conversation, "message": {"msgKey": msg_key}}
 
 
 def _required(data: Mapping[str, object], name: str) -> str:

@@ -4,13 +4,11 @@ the right operator.role, sender, clientMsgID and evidence; a Redis outage never 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -23,21 +21,10 @@ from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RE
 from relay.tencent.samples import callback_query
 from relay.tencent.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND
 from tests.broker.test_publish import read_messages, start_relay
-from tests.helpers import APP, TOKEN, answers, validate_event
+from tests.helpers import APP, TOKEN, validate_event
 
 pytestmark = pytest.mark.broker
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    parts = urlsplit(REDIS_URL)
-    if not answers(REDIS_URL, 6379):
-        if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
-            pytest.fail(f"no Redis at {parts.netloc} and RELAY_REQUIRE_BROKER=1", pytrace=False)
-        pytest.skip(f"no Redis at {parts.netloc}")
-    return REDIS_URL
 
 
 @pytest.fixture

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 from relay.events import EVENT_TYPE, EVENT_VERSION
+from relay.gateway.audit import FAILED, REQUESTED
 from relay.metrics import CONVERSATION_TYPES
 from relay.settings import Settings
 from relay.tencent.samples import KINDS
 from tests.api_docs import ASYNCAPI, event_message, load_asyncapi, resolve, validator
-from tests.helpers import EVENT_SCHEMA, envelopes, validate_event
+from tests.helpers import EVENT_SCHEMA, envelopes, load_schema, validate_event
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +43,45 @@ def test_payload_references_the_packaged_event_schema(spec: dict[str, Any]) -> N
     assert payload["schemaFormat"].startswith("application/schema+json;")
 
 
+AUDIT_ADDRESSES = {f"{kind}.{{conversationType}}" for kind in (REQUESTED, FAILED)}
+
+
 def test_channels_are_the_routing_keys_the_relay_produces(spec: dict[str, Any]) -> None:
-    """The channel addresses are exactly message.revoked.<type> for every conversation type, and every sample
-    kind normalizes to one of them."""
+    """The channel addresses are message.revoked.<type> for every conversation type (every sample kind
+    normalizes to one of them) and the two audit kinds with the conversation type as a parameter."""
     documented = {channel["address"] for channel in spec["channels"].values()}
-    assert {f"{EVENT_TYPE}.{ctype}" for ctype in CONVERSATION_TYPES} == documented
-    assert documented == {envelopes(1, kind)[0].routing_key for kind in KINDS}
+    revoked = {f"{EVENT_TYPE}.{ctype}" for ctype in CONVERSATION_TYPES}
+    assert revoked | AUDIT_ADDRESSES == documented
+    assert revoked == {envelopes(1, kind)[0].routing_key for kind in KINDS}
+    assert list(CONVERSATION_TYPES) == spec["components"]["parameters"]["conversationType"]["enum"]
 
 
-def test_every_channel_has_one_send_operation_carrying_the_event(spec: dict[str, Any]) -> None:
-    """Each channel is published by exactly one `send` operation, whose message is message.revoked."""
+def test_every_channel_has_one_send_operation_carrying_its_event(spec: dict[str, Any]) -> None:
+    """Each channel is published by exactly one `send` operation, whose message is the channel's event kind."""
     per_channel: dict[str, list[str]] = {}
     for op_id, operation in spec["operations"].items():
         assert "send" == operation["action"]
         channel = resolve(spec, operation["channel"])
         per_channel.setdefault(channel["address"], []).append(op_id)
         (sent,) = (resolve(spec, m) for m in operation["messages"])
-        assert event_message(spec) is sent
+        assert channel["address"].split(".")[:2] == sent["name"].split(".")
     assert {ch["address"] for ch in spec["channels"].values()} == set(per_channel)
     assert all(1 == len(ops) for ops in per_channel.values())
+
+
+@pytest.mark.parametrize("name", ["messageRecallRequested", "messageRecallFailed"])
+def test_audit_messages_reference_their_schema_and_their_examples_hold(spec: dict[str, Any], name: str) -> None:
+    """The audit messages point at the packaged recall-audit schema; their examples validate, headers included."""
+    message = spec["components"]["messages"][name]
+    target = (ASYNCAPI.parent / message["payload"]["schema"]["$ref"]).resolve()
+    assert load_schema("recall-audit.v1.json") == json.loads(target.read_text(encoding="utf-8"))
+    audit = validator(load_schema("recall-audit.v1.json"))
+    headers = resolve(spec, message["headers"])
+    for example in message["examples"]:
+        audit.validate(example["payload"])
+        validator(headers).validate(example["headers"])
+        assert message["name"] == example["payload"]["type"] == example["headers"]["cloudEvents_type"][3:]
+        assert example["payload"]["eventID"] == example["headers"]["cloudEvents_id"]
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
