@@ -42,6 +42,7 @@ RECALL_OUTCOMES = (
     "spool_unavailable",
     "tencent_unreachable",
     "tencent_timeout",
+    "tencent_busy",
 )
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".

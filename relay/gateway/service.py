@@ -261,14 +261,14 @@ class RecallService:
         }
         unreachable = [r.unreachable for r in results if r.unreachable is not None]
         if len(unreachable) == len(results):
-            timeout = all(u.kind == "timeout" for u in unreachable)
+            kinds = {u.kind for u in unreachable}
             log.warning("relay.tencent_unreachable", request_id=command.request_id, detail=str(unreachable[0])[:300])
-            return error(
-                504 if timeout else 502,
-                "tencent_timeout" if timeout else "tencent_unreachable",
-                "Tencent's REST API did not answer" if timeout else "Tencent's REST API cannot be reached",
-                extra=body,
-            )
+            if kinds == {"busy"}:
+                # Nothing was sent: the relay's own rate limit had more queued than it may wait for.
+                return error(503, "tencent_busy", "too many recalls queued for Tencent's rate limit", extra=body)
+            if kinds == {"timeout"}:
+                return error(504, "tencent_timeout", "Tencent's REST API did not answer", extra=body)
+            return error(502, "tencent_unreachable", "Tencent's REST API cannot be reached", extra=body)
         log.info(
             "relay.recall_requested",
             request_id=command.request_id,

@@ -240,13 +240,14 @@ async def test_a_concurrent_duplicate_is_409_in_progress(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "status", "code"), [("unreachable", 502, "tencent_unreachable"), ("timeout", 504, "tencent_timeout")]
+    ("kind", "status", "code"),
+    [("unreachable", 502, "tencent_unreachable"), ("timeout", 504, "tencent_timeout"), ("busy", 503, "tencent_busy")],
 )
 async def test_tencent_out_of_reach_is_502_or_504_and_may_be_retried(
     gw: Gateway, kind: str, status: int, code: str
 ) -> None:
-    """Tencent not reached after retries: 502/504 with results, recall_failed events, and the same
-    requestID may be tried again (the failure is not kept as the answer)."""
+    """Tencent not reached after retries (or nothing sent: busy): 502/504/503 with results,
+    recall_failed events, and the same requestID may be tried again (the failure is not kept)."""
     gw.tencent.unreachable = kind
     got, body, _ = await gw.recall(request())
     assert (status, code) == (got, body["error"]["code"])
