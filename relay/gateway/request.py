@@ -184,7 +184,7 @@ class _Reader:
             self.fail("conversation", "invalid", "conversation must be an object")
             return None
         kind = raw.get("type")
-        if kind not in _CONVERSATION_FIELDS:
+        if not isinstance(kind, str) or kind not in _CONVERSATION_FIELDS:
             self.fail("conversation.type", "invalid", "type must be c2c, group or official_account")
             return None
         fields = _CONVERSATION_FIELDS[kind]

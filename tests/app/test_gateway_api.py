@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from relay.app import API, GATEWAY, SPOOL, create_app
+from relay.cli import main
 from relay.gateway.outcomes import Outcome
 from relay.gateway.tencent_api import TencentUnreachable
 from relay.tencent.callback import C2C_RECALL, GROUP_RECALL
@@ -366,3 +367,22 @@ async def test_a_body_over_the_limit_is_413(gw: Gateway) -> None:
     """A body over 256 KiB is refused with 413 body_too_large."""
     status, body, _ = await gw.recall(b"{" + b" " * (300 * 1024) + b"}")
     assert (413, "body_too_large") == (status, body["error"]["code"])
+
+
+async def test_relay_recall_posts_what_its_flags_say(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    """`relay recall` builds the request from its flags, posts it with the token, prints the answer."""
+    url = str(gw.api.make_url("/v1/recalls"))
+    env = {**GATEWAY_ENV, "RELAY_SDKAPPIDS": APP}
+    argv = ["recall", "--url", url, "--group", "@TGS#9", "--topic", "T1", "--seq", "5", "--seq", "6"]
+    argv += ["--reason", "spam", "--moderator", "mod_2", "--request-id", "cli-1"]
+    assert 0 == await asyncio.to_thread(main, argv, env)
+    assert [("group", (APP, "@TGS#9", "T1", (5, 6), "spam"))] == gw.tencent.calls
+    out = capsys.readouterr().out
+    assert "-> 200" in out
+    assert '"requestID": "cli-1"' in out
+    c2c = ["recall", "--url", url, "--c2c", "u_a", "u_b", "--key", "k1", "--reason", "r", "--moderator", "m"]
+    assert 0 == await asyncio.to_thread(main, c2c, env)
+    assert ("c2c", (APP, "u_a", "u_b", "k1")) == gw.tencent.calls[-1]
+    wrong = [*c2c, "--token", "not-the-token-at-all"]
+    assert 1 == await asyncio.to_thread(main, wrong, env)
+    assert "unauthorized" in capsys.readouterr().out

@@ -107,6 +107,8 @@ def test_a_numeric_app_id_is_accepted_as_text() -> None:
         pytest.param(with_(sdkAppID=None), [("sdkAppID", "required")], id="no-app"),
         pytest.param(with_(moderater={"userID": "m"}), [("moderater", "unknown_field")], id="unknown-top-field"),
         pytest.param(with_(conversation={"type": "room"}), [("conversation.type", "invalid")], id="bad-type"),
+        pytest.param(with_(conversation={"type": {}}), [("conversation.type", "invalid")], id="object-type"),
+        pytest.param(with_(conversation={"type": ["group"]}), [("conversation.type", "invalid")], id="array-type"),
         pytest.param(
             with_(conversation={"type": "c2c", "sender": "a"}),
             [("conversation.receiver", "required")],
