@@ -100,3 +100,73 @@ def test_bad_token_pair_error_does_not_echo_the_token() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"RELAY_CALLBACK_TOKENS": "notanapp=supersecret"})
     assert "supersecret" not in str(info.value)
+
+
+GATEWAY = {
+    "RELAY_SDKAPPIDS": "1400000001",
+    "RELAY_API_TOKENS": (
+        "moderation=tok-aaaaaaaaaaaaaaaa, moderation=tok-bbbbbbbbbbbbbbbb, audit-svc=tok-cccccccccccccccc"
+    ),
+    "RELAY_TENCENT_SECRET_KEYS": "1400000001=s3cr3t-key-value",
+}
+
+
+def test_the_gateway_is_off_by_default_and_on_with_tokens_or_a_command_queue() -> None:
+    """No token and no command queue: no gateway; either one turns it on."""
+    assert not Settings.from_env({"RELAY_SDKAPPIDS": "1400000001"}).gateway
+    assert Settings.from_env(GATEWAY).gateway
+    queue_only = {"RELAY_SDKAPPIDS": "1400000001", "RELAY_COMMAND_QUEUE": "relay.commands"}
+    assert Settings.from_env(queue_only).gateway
+
+
+def test_gateway_settings_parse_with_their_defaults() -> None:
+    """Several tokens per caller (rotation); the Tencent settings default as documented."""
+    s = Settings.from_env(GATEWAY)
+    assert {
+        "moderation": ("tok-aaaaaaaaaaaaaaaa", "tok-bbbbbbbbbbbbbbbb"),
+        "audit-svc": ("tok-cccccccccccccccc",),
+    } == s.api_tokens
+    assert {"1400000001": "s3cr3t-key-value"} == s.tencent_secret_keys
+    expected = (8081, "https://console.tim.qq.com", "administrator", 150.0, 5.0, 86400, None)
+    assert expected == (
+        s.api_port,
+        s.tencent_api_url,
+        s.tencent_admin,
+        s.tencent_rate,
+        s.tencent_timeout,
+        s.recall_ttl,
+        s.command_queue,
+    )
+
+
+def test_gateway_secrets_never_appear_in_the_repr() -> None:
+    """API tokens and secret keys are shown as *** only."""
+    shown = repr(Settings.from_env(GATEWAY))
+    assert "tok-aaaa" not in shown
+    assert "s3cr3t" not in shown
+    assert "'moderation': '***'" in shown
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param({"RELAY_API_TOKENS": "moderation=short"}, "RELAY_API_TOKENS", id="short-token"),
+        pytest.param({"RELAY_API_TOKENS": "bad name=tok-aaaaaaaaaaaaaaaa"}, "RELAY_API_TOKENS", id="bad-name"),
+        pytest.param(
+            {"RELAY_API_TOKENS": "a=tok-aaaaaaaaaaaaaaaa,b=tok-aaaaaaaaaaaaaaaa"}, "share a token", id="shared-token"
+        ),
+        pytest.param({"RELAY_TENCENT_SECRET_KEYS": "1400000009=k"}, "not in RELAY_SDKAPPIDS", id="key-for-unknown-app"),
+        pytest.param({"RELAY_TENCENT_SECRET_KEYS": "app=k"}, "RELAY_TENCENT_SECRET_KEYS", id="key-app-not-digits"),
+        pytest.param({"RELAY_TENCENT_API_URL": "ftp://console.tim.qq.com"}, "RELAY_TENCENT_API_URL", id="url-scheme"),
+        pytest.param({"RELAY_TENCENT_API_URL": "https://x/v4/openim"}, "RELAY_TENCENT_API_URL", id="url-with-path"),
+        pytest.param({"RELAY_TENCENT_RATE": "500"}, "RELAY_TENCENT_RATE", id="rate-over-tencent-limit"),
+        pytest.param({"RELAY_COMMAND_QUEUE": "amq.x"}, "RELAY_COMMAND_QUEUE", id="reserved-queue"),
+        pytest.param({"RELAY_AUDIT_QUEUES": "q1", "RELAY_QUEUES": "q1"}, "RELAY_AUDIT_QUEUES", id="queue-in-both"),
+    ],
+)
+def test_bad_gateway_settings_are_named(env: dict[str, str], named: str) -> None:
+    """Each bad gateway setting fails validation with a message naming it, never the secret."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_SDKAPPIDS": "1400000001", **env})
+    assert named in str(caught.value)
+    assert "tok-aaaa" not in str(caught.value)
