@@ -66,7 +66,8 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     count = args.workers or settings.workers
     slot = worker_slot(dict(env))
     if slot is None and count > 1:
-        if settings.enrichment and not settings.redis_url:
+        if (settings.enrichment or settings.gateway) and not settings.redis_url:
+            # A recall callback may reach another worker than its send record or gateway request.
             log.warning(
                 "relay.workers_without_shared_store",
                 detail="each worker has its own embedded correlation store; set RELAY_REDIS_URL",
