@@ -179,12 +179,12 @@ class TencentSim:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
         app = web.Application()
         app.router.add_post("/v4/{service}/{command}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
         self._client = aiohttp.ClientSession()
         self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         return self.url
@@ -529,3 +529,49 @@ def _reason_problem(body: dict[str, Any]) -> str:
     if len(reason.encode()) > REASON_BYTES:
         return f"Reason is longer than {REASON_BYTES} bytes"
     return ""
+
+
+async def _serve(args: Any) -> None:
+    """Run the simulator until interrupted, printing what happens (``python -m tests.tencent_sim``)."""
+    sim = TencentSim({args.app: args.key}, admins=[args.admin])
+    for spec in args.seed_group:
+        group, _, seqs = spec.partition(":")
+        group, _, topic = group.partition("/")
+        for seq in seqs.split(","):
+            sim.seed_group(args.app, group, int(seq), topic_id=topic or None, msg_id=f"144115-{group}-{seq}")
+    for spec in args.seed_c2c:
+        sender, receiver, key = spec.split(":", 2)
+        sim.seed_c2c(args.app, sender, receiver, key)
+    for spec in args.seed_official_account:
+        account, _, key = spec.partition(":")
+        sim.seed_official_account(args.app, account, key)
+    if args.callback:
+        sim.callbacks_to(args.callback, args.app, args.token, when=args.when)
+    print(f"Tencent REST simulator on {await sim.start(args.port)} (RELAY_TENCENT_API_URL)", flush=True)
+    shown = 0
+    try:
+        while True:
+            await asyncio.sleep(0.2)
+            for line in sim.journal[shown:]:
+                print(line, flush=True)
+            shown = len(sim.journal)
+    finally:
+        await sim.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual tool (docs/recall-gateway.md, "Trying it")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Tencent IM's recall REST APIs, simulated, for trying the gateway.")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--app", default="1400000001")
+    parser.add_argument("--key", required=True, help="the secret key (as in RELAY_TENCENT_SECRET_KEYS)")
+    parser.add_argument("--admin", default="administrator")
+    parser.add_argument("--callback", help="the relay's callback URL: recall callbacks go there")
+    parser.add_argument("--token", help="the callback token (as in RELAY_CALLBACK_TOKENS)")
+    parser.add_argument("--when", choices=["before", "after", "never"], default="after")
+    parser.add_argument("--seed-group", action="append", default=[], metavar="GROUP[/TOPIC]:SEQ,SEQ")
+    parser.add_argument("--seed-c2c", action="append", default=[], metavar="SENDER:RECEIVER:MSGKEY")
+    parser.add_argument("--seed-official-account", action="append", default=[], metavar="ACCOUNT:MSGKEY")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(parser.parse_args()))
