@@ -22,6 +22,7 @@ from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStor
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
 from relay.fastpath import RelayRunner
+from relay.matrix import ingress as matrix_ingress
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
@@ -51,6 +52,7 @@ ENRICHER = web.AppKey("enricher", Enricher)
 CALLBACK = web.AppKey("callback", CallbackHandler)
 WORKER = web.AppKey("worker", tuple)  # (index, count) under relay serve --workers, else ()
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+MATRIX = web.AppKey("matrix", matrix_ingress.TransactionHandler)
 
 
 def create_app(
@@ -106,7 +108,22 @@ def create_app(
     # Set up in this order, torn down in reverse: the drainer's final flush needs the spool and
     # the publisher, the spool must be closed before the broker connection goes.
     app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx, _correlation_ctx))
+    # Matrix application service (docs/matrix.md): routes on the callback port, only while
+    # RELAY_MATRIX_HS_TOKEN is set. aiohttp serves them (the fast path knows only Tencent's route).
+    if settings.matrix_hs_token:
+        matrix = matrix_ingress.from_settings(settings, dispatcher, enricher, metrics, clock)
+        matrix.add_routes(app.router)
+        app[MATRIX] = matrix
+        app.cleanup_ctx.append(_matrix_ctx)
     return app
+
+
+async def _matrix_ctx(app: web.Application) -> AsyncIterator[None]:
+    txns = app[MATRIX].txns
+    await txns.start()
+    log.info("relay.matrix_enabled", transaction_log=txns.name)
+    yield
+    await txns.close()
 
 
 def correlation_store(settings: Settings, metrics: Metrics) -> CorrelationStore | None:

@@ -260,7 +260,11 @@ class Enricher:
             return self._mark(events, "disabled")
         if time.monotonic() < self._open_until:
             return self._mark(events, "error")
-        keys = [correlation_key(e.sdk_app_id, e.conversation.type, e.server_key) for e in events]
+        # A provider other than Tencent computes its own store key (Matrix: room and event ID);
+        # Tencent's events carry none and use the eventID's name, as their send records do.
+        keys = [
+            e.correlation_key or correlation_key(e.sdk_app_id or "", e.conversation.type, e.server_key) for e in events
+        ]
         try:
             if self.store.local:
                 found = await self.store.lookup(keys)  # in-process: nothing to wait for
