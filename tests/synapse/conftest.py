@@ -1,7 +1,7 @@
 """Synapse tier: a real Matrix homeserver, started once per session, pushing to relays the tests start.
 
 Skipped locally when Synapse is not installed (``scripts/ensure-synapse.sh`` installs it); a failure
-in CI (``RELAY_REQUIRE_TOOLS=1``). Needs the broker tier's RabbitMQ, and Redis for one test.
+in CI (``RELAY_REQUIRE_TOOLS=1``). Needs the broker tier's RabbitMQ, and its Redis for one test.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiohttp
@@ -24,20 +23,8 @@ from relay.app import PUBLISHER, create_app, make_runner
 from relay.publisher import AmqpPublisher
 from relay.settings import Settings
 from tests.broker.conftest import amqp, amqp_url, names  # noqa: F401 - fixtures of this tier too
-from tests.helpers import answers
+from tests.broker.test_enrichment import redis_url  # noqa: F401 - for the test that restarts the relay
 from tests.synapse.homeserver import SYNAPSE_PYTHON, Homeserver, Matrix, User, free_port, wait_for
-
-REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    if not answers(REDIS_URL, 6379):
-        message = f"no Redis at {urlsplit(REDIS_URL).netloc}"
-        if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
-            pytest.fail(message + " and RELAY_REQUIRE_BROKER=1", pytrace=False)
-        pytest.skip(message)
-    return REDIS_URL
 
 
 @pytest.fixture(scope="session")
