@@ -212,7 +212,7 @@ class Metrics:
         )
         self.matrix_rejections = Counter(
             "relay_matrix_rejections_total",
-            "Matrix transactions refused, and events inside accepted ones skipped, by stable error code.",
+            "Matrix requests (transactions, pings) refused, by stable error code.",
             ["reason"],
             registry=registry,
         )

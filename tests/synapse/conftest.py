@@ -59,6 +59,7 @@ class Link:
         self.lose_answers = 0
         self.lost: list[str] = []
         self.seen: list[tuple[str, int]] = []  # (path, status answered)
+        self.bodies: list[tuple[str, bytes]] = []  # (path and query, body) of every request forwarded
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -82,6 +83,7 @@ class Link:
         body = await request.read()
         if self.target is None or self._session is None:
             return web.Response(status=502)
+        self.bodies.append((request.path_qs, body))
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
         try:
             async with self._session.request(
