@@ -69,8 +69,7 @@ async def test_relay_down_during_a_redaction_gets_the_retry_exactly_once(stack: 
     """With the relay down (nothing listening) when a message is redacted, the homeserver's own
     retry after the relay is back is published once, enriched from the record Redis kept across
     the restart."""
-    env = {"RELAY_REDIS_URL": redis_url}
-    relay = await stack.start_relay(**env)
+    relay = await stack.start_relay(RELAY_REDIS_URL=redis_url)
     m = stack.matrix
     alice, bob = await m.register("alice"), await m.register("bob")
     room = await m.create_room(alice, "11", members=(bob,))
@@ -87,7 +86,7 @@ async def test_relay_down_during_a_redaction_gets_the_retry_exactly_once(stack: 
         "the homeserver to fail its push and schedule a retry",
     )
     await stack.link.start()
-    relay = await stack.start_relay(ping=False, **env)  # no ping: the homeserver retries on its own
+    relay = await stack.start_relay(ping=False, RELAY_REDIS_URL=redis_url)  # no ping: the homeserver retries alone
 
     (event,) = await stack.events(room, 1, timeout=30)
     assert "Retrying transaction" in stack.homeserver.log_text()[mark:]
