@@ -14,7 +14,7 @@ run sample: export RELAY_QUEUES ?= moderation.revocations,audit.revocations
 run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 
-.PHONY: run sample test lint typecheck ops pytest faults bench broker clean
+.PHONY: run sample test lint typecheck ops pytest faults bench broker synapse clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -56,8 +56,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict examples/consumer.py
 
-pytest: $(STAMP)
+pytest: $(STAMP) synapse
 	$(BIN)/pytest
+
+# A real Matrix homeserver for tests/synapse/ (PyPI, its own venv in .tools/; ~30 s the first time).
+synapse:
+	./scripts/ensure-synapse.sh
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -26,6 +26,7 @@ from relay.gateway.api import create_api_app
 from relay.gateway.commands import CommandConsumer
 from relay.gateway.service import RecallService
 from relay.gateway.tencent_api import TencentApi
+from relay.matrix import ingress as matrix_ingress
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
 from relay.settings import Settings
@@ -59,6 +60,7 @@ TENCENT = web.AppKey("tencent_api", TencentApi)
 GATEWAY = web.AppKey("recall_service", RecallService)
 API = web.AppKey("api_app", web.Application)  # the recall API, served on its own port
 COMMANDS = web.AppKey("command_consumer", CommandConsumer)
+MATRIX = web.AppKey("matrix", matrix_ingress.TransactionHandler)
 
 
 def create_app(
@@ -119,7 +121,22 @@ def create_app(
     app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx, _correlation_ctx))
     if settings.gateway and store is not None:
         _add_gateway(app, settings, store, dispatcher, metrics, clock)
+    # Matrix application service (docs/matrix.md): routes on the callback port, only while
+    # RELAY_MATRIX_HS_TOKEN is set. aiohttp serves them (the fast path knows only Tencent's route).
+    if settings.matrix_hs_token:
+        matrix = matrix_ingress.from_settings(settings, dispatcher, enricher, metrics, clock)
+        matrix.add_routes(app.router)
+        app[MATRIX] = matrix
+        app.cleanup_ctx.append(_matrix_ctx)
     return app
+
+
+async def _matrix_ctx(app: web.Application) -> AsyncIterator[None]:
+    txns = app[MATRIX].txns
+    await txns.start()
+    log.info("relay.matrix_enabled", transaction_log=txns.name)
+    yield
+    await txns.close()
 
 
 def correlation_store(settings: Settings, metrics: Metrics) -> CorrelationStore | None:

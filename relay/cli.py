@@ -1,4 +1,5 @@
-"""``relay`` command line: serve, check-config, send-sample, recall, tail, spool, correlation purge."""
+"""``relay`` command line: serve, check-config, send-sample, recall, tail, spool, correlation purge,
+matrix-registration."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from relay.app import API, LIFECYCLE, METRICS, create_app, local_app, make_runne
 from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
+from relay.matrix import registration as matrix_registration
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher
 from relay.settings import Settings
@@ -335,6 +337,42 @@ def cmd_recall(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0 if status == 200 else 1
 
 
+def cmd_matrix_registration(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Print the application-service registration for the homeserver (docs/matrix.md)."""
+    settings = _settings(env, require_apps=False)
+    if settings is None:
+        return 1
+    missing = [
+        name
+        for name, value in (
+            ("RELAY_MATRIX_HS_TOKEN", settings.matrix_hs_token),
+            ("RELAY_MATRIX_AS_TOKEN", settings.matrix_as_token),
+        )
+        if not value
+    ]
+    if missing or settings.matrix_hs_token is None or settings.matrix_as_token is None:
+        print(
+            f"matrix-registration: set {' and '.join(missing)} (two different secrets, for example from"
+            " `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        text = matrix_registration.registration_yaml(
+            args.url,
+            settings.matrix_hs_token,
+            settings.matrix_as_token,
+            service_id=args.id,
+            sender_localpart=args.sender_localpart,
+            rooms=args.rooms,
+        )
+    except ValueError as exc:
+        print(f"matrix-registration: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
 async def _post(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as session,
@@ -392,6 +430,18 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     tail_.add_argument("--count", type=int, help="exit 0 after this many events")
     tail_.add_argument("--timeout", type=float, help="exit after this many seconds (1 if --count was not reached)")
     tail_.set_defaults(func=cmd_tail)
+    registration = sub.add_parser(
+        "matrix-registration", help="print the Matrix application-service registration YAML for the homeserver"
+    )
+    registration.add_argument("--url", required=True, help="the relay's base URL as the homeserver reaches it")
+    registration.add_argument("--id", default=matrix_registration.DEFAULT_ID, help="the application service's ID")
+    registration.add_argument(
+        "--sender-localpart", default=matrix_registration.DEFAULT_SENDER_LOCALPART, help="localpart of its bot user"
+    )
+    registration.add_argument(
+        "--rooms", default=matrix_registration.DEFAULT_ROOMS, help="regex of the room IDs to watch (default: all)"
+    )
+    registration.set_defaults(func=cmd_matrix_registration)
     args = parser.parse_args(argv)
     result: int = args.func(args, os.environ if env is None else env)
     return result

@@ -394,7 +394,11 @@ class Enricher:
         if time.monotonic() < self._open_until:
             self._count_joins(events, "error")
             return self._mark(events, "error") if self.sends else list(events)
-        keys = [correlation_key(e.sdk_app_id, e.conversation.type, e.server_key) for e in events]
+        # A provider other than Tencent computes its own store key (Matrix: room and event ID);
+        # Tencent's events carry none and use the eventID's name, as their send records do.
+        keys = [
+            e.correlation_key or correlation_key(e.sdk_app_id or "", e.conversation.type, e.server_key) for e in events
+        ]
         joins = [recall_key_of(e) for e in events] if self._recalls else []
         wanted = [k for k in joins if k is not None]
         try:
@@ -476,6 +480,8 @@ def recall_key(sdk_app_id: str, conversation_type: ConversationType, parts: Sequ
 def recall_key_of(event: RevokeEvent) -> str | None:
     """The join key a recall callback's event is looked up under; None when it cannot be one of
     the gateway's (a client platform recalled it, or an identifying part is unknown)."""
+    if event.provider != "tencent" or event.sdk_app_id is None:
+        return None  # the gateway recalls through Tencent only
     if event.platform is not None and not _is_rest(event):
         return None  # a user's or group admin's own recall from a client, not a REST request
     c = event.conversation

@@ -14,8 +14,8 @@ from typing import Literal
 
 import orjson
 
-# Version 2 added enrichment, sentAt and evidence; version 3 added provider, recallRequest and the
-# moderator role (docs/events.md, "Versions"). Nothing was removed or changed in type, so an older
+# Version 2 added enrichment, sentAt and evidence; version 3 added provider (tencent, matrix),
+# recallRequest and the moderator role (docs/events.md, "Versions"). Nothing was removed or changed in type, so an older
 # consumer that ignores unknown fields keeps working.
 EVENT_VERSION = 3
 EVENT_TYPE = "message.revoked"
@@ -26,7 +26,7 @@ EVENT_ID_NAMESPACE = uuid.UUID("6f1c2b8e-5d3a-5b7e-9a41-2c0e7d9b4f10")
 
 ConversationType = Literal["c2c", "group", "official_account"]
 Role = Literal["sender", "group_admin", "app_admin", "moderator", "unknown"]
-Provider = Literal["tencent"]
+Provider = Literal["tencent", "matrix"]
 Enrichment = Literal["hit", "miss", "disabled", "error"]
 
 
@@ -120,7 +120,7 @@ class RevokeEvent:
     reason: str | None
     sender: str | None
     conversation: Conversation
-    sdk_app_id: str
+    sdk_app_id: str | None  # None only for providers without one (Matrix)
     callback_command: str
     platform: str | None
     client_ip: str | None
@@ -132,6 +132,10 @@ class RevokeEvent:
     evidence: dict[str, object] | None = None
     provider: Provider = "tencent"
     recall_request: RecallRequest | None = None
+    # Providers other than Tencent say where their events come from and under which key their
+    # send records are stored; None means Tencent's (from sdk_app_id and server_key).
+    source: str | None = None
+    correlation_key: str | None = None
 
     @property
     def routing_key(self) -> str:
@@ -179,7 +183,7 @@ class RevokeEvent:
             routing_key=self.routing_key,
             body=orjson.dumps(self.to_dict(event_time)),
             timestamp=self.received_at_ms // 1000,
-            source=f"tencent-im/{self.sdk_app_id}",
+            source=self.source or f"tencent-im/{self.sdk_app_id}",
             subject=self.msg_id,
             time=event_time,
             conversation_key=self.conversation.key,

@@ -47,6 +47,10 @@ RECALL_OUTCOMES = (
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
+# Matrix application-service transactions (docs/matrix.md); rejection reasons are primed by the
+# Matrix endpoint, which owns its codes.
+MATRIX_OUTCOMES = ("accepted", "duplicate", "rejected", "unavailable")
+MATRIX_EVENT_KINDS = ("redaction", "message", "other", "invalid")
 
 
 # --- Recall gateway → Tencent REST (relay/gateway/tencent_api.py) ---------------------------------
@@ -315,6 +319,32 @@ class Metrics:
             registry=registry,
         )
         self.tencent = TencentMetrics(registry)  # the recall gateway's REST client
+        # Matrix application service (docs/matrix.md): registered whether or not it is enabled.
+        self.matrix_transactions = Counter(
+            "relay_matrix_transactions_total",
+            "Matrix transactions (PUT /_matrix/app/v1/transactions/{txnId}) by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.matrix_transaction_seconds = Histogram(
+            "relay_matrix_transaction_seconds",
+            "Time to answer a Matrix transaction, by outcome.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.matrix_rejections = Counter(
+            "relay_matrix_rejections_total",
+            "Matrix requests (transactions, pings) refused, by stable error code.",
+            ["reason"],
+            registry=registry,
+        )
+        self.matrix_events = Counter(
+            "relay_matrix_events_total",
+            "Events in accepted Matrix transactions: redaction (published), message (recorded), other, invalid.",
+            ["kind"],
+            registry=registry,
+        )
         self._prime()
 
     def _prime(self) -> None:
@@ -345,6 +375,11 @@ class Metrics:
         for op in STORE_OPS:
             self.correlation_store_seconds.labels(op)
             self.correlation_store_errors.labels(op)
+        for outcome in MATRIX_OUTCOMES:
+            self.matrix_transactions.labels(outcome)
+            self.matrix_transaction_seconds.labels(outcome)
+        for kind in MATRIX_EVENT_KINDS:
+            self.matrix_events.labels(kind)
 
     def prime_callbacks(self, commands: Iterable[str]) -> None:
         """Create the callback series of a provider's known commands (and "other") at zero."""

@@ -24,6 +24,9 @@ _ON = frozenset({"on", "true", "1", "yes"})
 _OFF = frozenset({"off", "false", "0", "no"})
 _NAME_RULE = "has characters outside A-Z a-z 0-9 - _ . : @ # , / + (at most 127)"
 _LOG_FORMATS = ("json", "console")
+# Matrix tokens go into a YAML registration and an Authorization header: visible ASCII, no spaces.
+_MATRIX_TOKEN = re.compile(r"[!-~]{16,512}")
+_MATRIX_SHAPE_RULE = "expected 16 to 512 visible ASCII characters without spaces"
 
 
 def redact_url(url: str) -> str:
@@ -86,6 +89,11 @@ class Settings:
     tencent_timeout: float = 5.0
     recall_ttl: int = 24 * 3600
     command_queue: str | None = None
+    # Matrix application service (docs/matrix.md): its routes exist only while matrix_hs_token is
+    # set. The AS token is ours, only printed into the registration. Never printed otherwise.
+    matrix_hs_token: str | None = field(default=None, repr=False)
+    matrix_as_token: str | None = field(default=None, repr=False)
+    matrix_max_body_bytes: int = 8 * 1024 * 1024
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -93,9 +101,14 @@ class Settings:
         redis = redact_url(self.redis_url) if self.redis_url else None
         api_tokens = {name: "***" for name in self.api_tokens}
         keys = {app: "***" for app in self.tencent_secret_keys}
+        matrix = "".join(
+            f", {name}='***'"
+            for name, value in (("matrix_hs_token", self.matrix_hs_token), ("matrix_as_token", self.matrix_as_token))
+            if value
+        )
         return (
             f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
-            f"redis_url={redis!r}, api_tokens={api_tokens!r}, tencent_secret_keys={keys!r})"
+            f"redis_url={redis!r}, api_tokens={api_tokens!r}, tencent_secret_keys={keys!r}{matrix})"
         )
 
     @property
@@ -187,8 +200,27 @@ class Settings:
             if token not in tokens[app]:
                 tokens[app].append(token)
         values["callback_tokens"] = {app: tuple(ts) for app, ts in tokens.items()}
-        if require_apps and not values["sdkappids"] and not tokens and not bad_apps:
-            problems.append("RELAY_SDKAPPIDS: no app is accepted; set RELAY_SDKAPPIDS and/or RELAY_CALLBACK_TOKENS")
+
+        # Matrix: either token may be set alone (the AS token only matters to the registration).
+        for name, key in (("RELAY_MATRIX_HS_TOKEN", "matrix_hs_token"), ("RELAY_MATRIX_AS_TOKEN", "matrix_as_token")):
+            raw = get(name)
+            if raw is None:
+                continue
+            if not _MATRIX_TOKEN.fullmatch(raw):
+                # The value is a secret: say what is wrong with it, never what it is.
+                problems.append(f"{name}: {_MATRIX_SHAPE_RULE} (got {len(raw)} characters)")
+            else:
+                values[key] = raw
+        if values.get("matrix_hs_token") is not None and values.get("matrix_hs_token") == values.get("matrix_as_token"):
+            problems.append("RELAY_MATRIX_AS_TOKEN: must differ from RELAY_MATRIX_HS_TOKEN")
+        number("RELAY_MATRIX_MAX_BODY_BYTES", "matrix_max_body_bytes", int, 65536, 64 * 1024 * 1024)
+
+        matrix = "matrix_hs_token" in values
+        if require_apps and not values["sdkappids"] and not tokens and not bad_apps and not matrix:
+            problems.append(
+                "RELAY_SDKAPPIDS: no app is accepted; set RELAY_SDKAPPIDS and/or RELAY_CALLBACK_TOKENS"
+                " (or RELAY_MATRIX_HS_TOKEN for Matrix alone)"
+            )
 
         number("RELAY_SIGNATURE_MAX_AGE", "signature_max_age", int, 1, 86400)
         number("RELAY_MAX_BODY_BYTES", "max_body_bytes", int, 1024, 16 * 1024 * 1024)
