@@ -116,6 +116,9 @@ standin_image() {
     --label "org.opencontainers.image.description=Debian bookworm python3 (3.11) from Debian packages; stand-in for python:3.11-slim-bookworm" \
     "$ctr"
   buildah commit --quiet --rm "$ctr" "$ref" >/dev/null
+  # Earlier stand-ins (a refreshed tarball has a new hash) are no longer built on.
+  buildah images --noheading --format '{{.Name}}:{{.Tag}}' localhost/revoke-relay-base 2>/dev/null \
+    | grep -vxF "$ref" | xargs -r buildah rmi >/dev/null 2>&1 || true
   printf '%s\n' "$ref"
 }
 
@@ -226,14 +229,33 @@ cmd_build() {
     --build-arg "BASE_IMAGE=$base" "${secrets[@]}" \
     --label "org.opencontainers.image.base.name=$base" \
     --label "org.opencontainers.image.revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-    -t "$IMAGE" . 2>&1 | sed -u 's/^/  | /'
+    -t "$IMAGE" . 2>&1 | sed -u 's/^/  | /' | tee "$OUT/build.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || die "buildah bud failed"
   rm -f "$PIP_SECRET"
   say "built $IMAGE on $base in $(since "$tb") s"
+  prune_stale
   printf '%s\n' "$base" > "$OUT/base.txt"
   cmd_report
   cmd_sbom
   say "make image: done in $(since "$t0") s"
+}
+
+# --layers keeps each step's image as the next build's cache; each build that changes the code
+# leaves the previous ones untagged. Remove the untagged images of this Dockerfile (their history
+# has /opt/venv) that this build did not use, so repeated builds do not fill the disk.
+prune_stale() {
+  local used id removed=0
+  used="$(grep -oE -- '--> (Using cache )?[0-9a-f]{11,64}' "$OUT/build.log" | grep -oE '[0-9a-f]{11,64}$' || true)"
+  while read -r id; do
+    id="${id#sha256:}"
+    [ -n "$id" ] || continue
+    if grep -q "^${id:0:11}" <<< "$used"; then continue; fi
+    if buildah inspect --type image --format '{{range .Docker.History}}{{.CreatedBy}}{{end}}' "$id" 2>/dev/null \
+        | grep -q '/opt/venv' && buildah rmi "$id" >/dev/null 2>&1; then
+      removed=$((removed + 1))
+    fi
+  done < <(buildah images --filter dangling=true --noheading --no-trunc --format '{{.ID}}')
+  [ "$removed" -eq 0 ] || say "removed $removed stale untagged images of earlier builds"
 }
 
 # --- size report -------------------------------------------------------------------------------
