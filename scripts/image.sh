@@ -293,6 +293,10 @@ for digest, step in zip(layers, steps):
     step = step.removeprefix("/bin/sh -c ").removeprefix("#(nop) ")
     print(f"  {sizes.get(digest, 0) / 1e6:6.1f}  {step[:100]}")
 PY
+    # What a registry push or pull moves: the layers gzip-compressed, as `buildah push` writes them.
+    buildah push --quiet "$IMAGE" "oci-archive:$OUT/push.tar" >/dev/null
+    echo "compressed (gzip layers, as pushed): $(du -k "$OUT/push.tar" | awk '{ printf "%.1f", $1 / 1024 }') MB"
+    rm -f "$OUT/push.tar"
     echo "python: $(chroot "$mnt" /opt/venv/bin/python -c 'import sys; print(sys.version.split()[0], sys.executable)')"
     echo "what takes the room (MB):"
     du -xsk "$mnt/usr/lib/x86_64-linux-gnu" "$mnt/usr/lib/python3.11" "$mnt/usr/local/lib/python3.11" \
