@@ -50,10 +50,13 @@ default_base() {
   local ref
   ref="$(sed -n 's/^ARG BASE_IMAGE=//p' deploy/Dockerfile | head -1)"
   [ -n "$ref" ] || die "deploy/Dockerfile has no ARG BASE_IMAGE=<default>"
-  case "${ref%%/*}" in
-    *.*|*:*|localhost) printf '%s\n' "$ref" ;;
-    *) if [[ "$ref" == */* ]]; then printf 'docker.io/%s\n' "$ref"; else printf 'docker.io/library/%s\n' "$ref"; fi ;;
-  esac
+  if [[ "$ref" != */* ]]; then
+    printf 'docker.io/library/%s\n' "$ref"
+  elif [[ "${ref%%/*}" == *.* || "${ref%%/*}" == *:* || "${ref%%/*}" == localhost ]]; then
+    printf '%s\n' "$ref"                      # the first part names a registry
+  else
+    printf 'docker.io/%s\n' "$ref"
+  fi
 }
 
 # --- the stand-in base: Debian bookworm's own python3 (3.11), built with mmdebstrap ---------------
