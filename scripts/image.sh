@@ -120,8 +120,8 @@ standin_image() {
     "$ctr"
   buildah commit --quiet --rm "$ctr" "$ref" >/dev/null
   # Earlier stand-ins (a refreshed tarball has a new hash) are no longer built on.
-  buildah images --noheading --format '{{.Name}}:{{.Tag}}' localhost/revoke-relay-base 2>/dev/null \
-    | grep -vxF "$ref" | xargs -r buildah rmi >/dev/null 2>&1 || true
+  buildah images --noheading --format '{{.Name}}:{{.Tag}}' --filter reference=localhost/revoke-relay-base \
+    | grep -vxF "$ref" | xargs -r buildah rmi >/dev/null || true
   printf '%s\n' "$ref"
 }
 
