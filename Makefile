@@ -1,6 +1,7 @@
 # One place for the commands the README, CI and developers use.
 #   make run   - set up and start the relay against a local RabbitMQ (demo app id and token)
 #   make test  - set up and run linters, type checks, the ops validators and the whole test suite
+#   make image, make image-test - build the container image with buildah and run it (docs/deploy.md)
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -13,8 +14,9 @@ run sample: export RELAY_CALLBACK_TOKENS ?= 1400000001=change-me-demo-token
 run sample: export RELAY_QUEUES ?= moderation.revocations,audit.revocations
 run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
+IMAGE ?= localhost/revoke-relay:dev
 
-.PHONY: run sample test lint typecheck ops pytest faults bench broker synapse clean
+.PHONY: run sample test lint typecheck ops pytest faults bench broker synapse image image-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +40,18 @@ test: lint typecheck ops pytest
 # Manifests, Dockerfile, alert rules, dashboard, live /metrics (installs promtool, checkov, ...).
 ops: $(STAMP)
 	./scripts/check-ops.sh
+
+# The container image from deploy/Dockerfile, without a Docker daemon: buildah (chroot isolation),
+# on a stand-in base from Debian packages where the default base cannot be pulled. Then its size
+# report and SBOM in build/image/. Root on Debian (installs buildah/mmdebstrap with apt).
+image:
+	IMAGE=$(IMAGE) ./scripts/image.sh build
+
+# The image's size report, then the image run as a user would (tests/image/image_smoke.py):
+# non-root, /healthz and /readyz, a callback into RabbitMQ, the spool, SIGTERM, size budget, SBOM.
+image-test: $(STAMP) broker
+	IMAGE=$(IMAGE) ./scripts/image.sh report
+	RELAY_IMAGE=$(IMAGE) $(BIN)/pytest -p no:cacheprovider -v -s tests/image/image_smoke.py
 
 # The performance benchmark (A: bare HTTP, B: broker ceiling, R: relay, S: spool path) → bench/results/.
 bench: $(STAMP)
