@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import structlog
@@ -10,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from relay.app import CALLBACK, make_runner
+from tests.helpers import answers
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
@@ -18,6 +20,20 @@ ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 def _plain_structlog() -> None:
     """Each test starts from structlog's defaults so ``capture_logs`` sees every event."""
     structlog.reset_defaults()
+
+
+REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A real Redis (the shared correlation store). Skipped locally without one, a failure in CI."""
+    parts = urlsplit(REDIS_URL)
+    if not answers(REDIS_URL, 6379):
+        if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
+            pytest.fail(f"no Redis at {parts.netloc} and RELAY_REQUIRE_BROKER=1", pytrace=False)
+        pytest.skip(f"no Redis at {parts.netloc}")
+    return REDIS_URL
 
 
 def pytest_report_header() -> str:

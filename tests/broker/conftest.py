@@ -24,20 +24,6 @@ def amqp_url() -> str:
     return AMQP_URL
 
 
-REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A real Redis (the shared correlation store). Skipped locally without one, a failure in CI."""
-    parts = urlsplit(REDIS_URL)
-    if not answers(REDIS_URL, 6379):
-        if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
-            pytest.fail(f"no Redis at {parts.netloc} and RELAY_REQUIRE_BROKER=1", pytrace=False)
-        pytest.skip(f"no Redis at {parts.netloc}")
-    return REDIS_URL
-
-
 @pytest.fixture
 def names(request: pytest.FixtureRequest) -> dict[str, str]:
     """Unique exchange and queue names for this test."""

@@ -11,13 +11,12 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from relay.matrix.transactions import KEY_PREFIX, TTL_SECONDS, RedisTransactionLog
-from tests.broker.test_enrichment import redis_url  # noqa: F401 - the session fixture of that module
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-async def namespace(redis_url: str) -> AsyncIterator[str]:  # noqa: F811
+async def namespace(redis_url: str) -> AsyncIterator[str]:
     name = uuid.uuid4().hex[:16]
     yield name
     client = aioredis.Redis.from_url(redis_url)
@@ -27,7 +26,7 @@ async def namespace(redis_url: str) -> AsyncIterator[str]:  # noqa: F811
 
 
 async def test_an_answered_transaction_is_seen_by_every_replica_for_a_day(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     namespace: str,
 ) -> None:
     """What one relay remembers another sees (same registration), with a one-day TTL; another

@@ -23,7 +23,6 @@ from relay.app import PUBLISHER, create_app, make_runner
 from relay.publisher import AmqpPublisher
 from relay.settings import Settings
 from tests.broker.conftest import amqp, amqp_url, names  # noqa: F401 - fixtures of this tier too
-from tests.broker.test_enrichment import redis_url  # noqa: F401 - for the test that restarts the relay
 from tests.synapse.homeserver import SYNAPSE_PYTHON, Homeserver, Matrix, User, free_port, wait_for
 
 
