@@ -384,6 +384,28 @@ class RelayProcess:
             self.proc.wait(timeout=30)
 
 
+async def consuming(amqp_url: str, queue: str) -> None:
+    """Wait until *queue* exists and has a consumer (a relay's readiness does not say the command
+    consumer is up; a message published to a queue not yet declared would be dropped)."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                probe = await connection.channel()  # a passive declare of a missing queue closes its channel
+                try:
+                    declared = await probe.declare_queue(queue, passive=True)
+                    if declared.declaration_result.consumer_count:
+                        return
+                except aio_pika.exceptions.ChannelClosed:
+                    pass
+                finally:
+                    if not probe.is_closed:
+                        await probe.close()
+                await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+
+
 @pytest.fixture
 def processes() -> Iterator[list[RelayProcess]]:
     started: list[RelayProcess] = []
@@ -542,6 +564,7 @@ async def test_a_command_is_redelivered_after_a_consumer_crash(
     processes.append(first)
     await first.start()
     try:
+        await consuming(amqp_url, command_queue)
         body = {
             "requestID": f"crash-{tag}",
             "sdkAppID": APP,
