@@ -59,6 +59,14 @@ class Metrics:
             " shape, or RELAY_HTTP_FAST_PATH=off).",
             registry=registry,
         )
+        self.internal_errors = Counter(
+            "relay_internal_errors_total",
+            "Requests that raised an exception the relay does not expect (a bug: the log has the"
+            " traceback), by route: 'callback' (answered 400 unprocessable) or another route's path"
+            " (answered 500).",
+            ["route"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "relay_callback_rejections_total",
             "Callbacks (or items of one) refused, by stable error code.",
