@@ -206,6 +206,7 @@ class Metrics:
         """Create every bounded label combination at zero so rates and alerts see the series at once."""
         for code in Reject:
             self.rejections.labels(code.value)
+        self.internal_errors.labels("callback")
         for field in (*ANOMALY_FIELDS, "other"):
             self.anomalies.labels(field)
         for ctype in CONVERSATION_TYPES:

@@ -79,6 +79,7 @@ EXTRA_HEADERS: list[tuple[str, str]] = [
     ("Connection", "Upgrade"),
     ("Expect", "100-continue"),
     ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Forwarded-For", "203.0.113.\xe9"),
     ("Accept", "*/*"),
     ("ETag", '"v1"'),
     ("Server", "edge"),
@@ -92,7 +93,17 @@ EXTRA_HEADERS: list[tuple[str, str]] = [
     ("X-Empty", ""),
 ]
 # Lines that are not "name: value" (or are, with something aiohttp refuses in them).
-ODD_LINES = [" folded", "X A: b", "NoColon", ": no-name", "X-Nul: a\x00b", "X-Ctl: a\x01b", "X-\xe9: b"]
+ODD_LINES = [
+    " folded",
+    "X A: b",
+    "NoColon",
+    ": no-name",
+    "X-Nul: a\x00b",
+    "X-Ctl: a\x01b",
+    "X-\xe9: b",
+    "X-Long: " + "a" * 8200,
+    "\r\n".join(["X-Many: y"] * 130),
+]
 # What one request may get wrong or unusual; a request has none, one or two of these.
 CHANGES = [
     "header",
@@ -109,6 +120,7 @@ CHANGES = [
     "method",
     "version",
     "target",
+    "leading-crlf",
 ]
 
 
@@ -169,6 +181,8 @@ def one_request(draw: st.DrawFn) -> bytes:
         else:
             ends[draw(st.integers(0, len(ends) - 1))] = {"one-lf": "\n", "one-cr": "\r", "crcrlf": "\r\r\n"}[style]
     head = "".join(line + end for line, end in zip(all_lines, ends, strict=True))
+    if "leading-crlf" in changes:
+        head = "\r\n" + head
     return head.encode("latin-1") + payload
 
 
