@@ -339,7 +339,7 @@ class FastConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._writing_paused = False
-        self._lingering = False
+        self._closing = False  # a reply said "Connection: close": nothing more is served
         # Never buffer more than one whole request ahead (the body being read is at most the cap).
         self._max_buffer = MAX_HEAD + server.handler.max_body_bytes
 
@@ -356,20 +356,20 @@ class FastConnection(asyncio.Protocol):
         self._timer = self.server.loop.call_at(self._idle_since + self.server.keepalive_timeout, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._start += skipped
+            self._skip -= skipped
+            data = data[skipped:]
+            if not self._skip:
+                self._skipped()
+        if self._closing or not data:
             return
         self._buffer += data
         if self._handing_over:
             self._chunk_ends.append(self._start + len(self._buffer))
         else:
             self._vet()
-        if self._skip:
-            skipped = min(self._skip, len(self._buffer))
-            self._consume(skipped)
-            self._skip -= skipped
-            if self._skip:
-                return
-            self._skipped()
         if self.task is None:
             self._next()
         else:
@@ -536,13 +536,19 @@ class FastConnection(asyncio.Protocol):
             return
         transport.write(self.server.encode(reply, close))
         if close:
-            self._linger()
-            return
+            # As aiohttp: nothing more is read but the rest of this body, then the connection closes.
+            self._closing = True
+            self._buffer.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         if self._skip:
             self._skip_body()
-            return
-        self._idle_since = self.server.loop.time()
-        self._next()
+        elif close:
+            transport.close()
+        else:
+            self._idle_since = self.server.loop.time()
+            self._next()
 
     async def _read_body(self) -> bytes:
         """The body reader handed to :meth:`FastHandler.process`: cap, deadline, no copy twice."""
@@ -590,8 +596,9 @@ class FastConnection(asyncio.Protocol):
 
     def _skip_body(self) -> None:
         """Discard the rest of a body the handler did not need, as aiohttp does: for at most
-        ``lingering_time``, after which the connection is closed; once it is all here, the next
-        request is read (and the keep-alive period starts then, as on aiohttp)."""
+        ``lingering_time``, after which the connection is closed; once it is all here, the
+        connection closes if the reply said so, else the next request is read (and the
+        keep-alive period starts then, as on aiohttp)."""
         transport = self._transport
         assert transport is not None
         if self._reading_paused:
@@ -603,25 +610,11 @@ class FastConnection(asyncio.Protocol):
         if self._skip_timer is not None:
             self._skip_timer.cancel()
             self._skip_timer = None
+        if self._closing:
+            if self._transport is not None:
+                self._transport.close()
+            return
         self._idle_since = self.server.loop.time()
-
-    def _linger(self) -> None:
-        """After a closing reply: stop sending, discard what the client still sends, close on its
-        EOF or after ``lingering_time``."""
-        transport = self._transport
-        assert transport is not None
-        self._lingering = True
-        self._buffer.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.server.loop.call_later(self.server.lingering_time, transport.close)
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:
-            transport.close()
 
     def close_if_idle(self) -> None:
         if self.task is None and self._transport is not None:
