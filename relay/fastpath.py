@@ -221,12 +221,12 @@ def keep_deadline(protocol: RequestHandler, deadline: float) -> None:
     aiohttp arms this timer (its keep-alive timeout, which is also what cuts slow headers) in
     ``connection_made`` and has no public way to move it, so this sets the two private attributes
     its own ``start()`` sets for the same purpose. Written against aiohttp 3.14 (constraints.txt);
-    tests/app/test_fastpath.py fails if they change (test_hand_over_keeps_the_header_deadline,
+    tests/app/test_fastpath.py fails if they change (test_hand_over_keeps_the_header_deadline*,
     test_aiohttp_keepalive_timer_is_where_keep_deadline_expects_it). Should they be missing, the
     hand-over still works, with aiohttp's full period (the behaviour before this function).
     """
-    handle = getattr(protocol, "_keepalive_handle", None)
-    if not isinstance(handle, asyncio.TimerHandle) or not hasattr(protocol, "_next_keepalive_close_time"):
+    handle = getattr(protocol, "_keepalive_handle", None)  # a uvloop or asyncio TimerHandle
+    if handle is None or not hasattr(protocol, "_next_keepalive_close_time"):
         return
     handle.cancel()
     protocol._next_keepalive_close_time = deadline
