@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.access import SourcePolicy
@@ -100,7 +101,7 @@ def create_app(
         clock=clock,
     )
 
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[unexpected_errors])
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[PUBLISHER] = publisher
@@ -239,6 +240,9 @@ def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
         # After refusing a body (413, 408) the rest is read and discarded before closing; bound
         # that, so a slow sender cannot hold the socket for aiohttp's default 10 s.
         "lingering_time": 2.0,
+        # Bodies are read as sent: the callback handler refuses any Content-Encoding but identity
+        # (415), so nothing is ever inflated (no decompression bombs, no decoder errors mid-read).
+        "auto_decompress": False,
         **kwargs,
     }
     if settings.fast_path:
@@ -266,6 +270,22 @@ async def _drainer_ctx(app: web.Application) -> AsyncIterator[None]:
     await drainer.start()
     yield
     await drainer.stop(app[SETTINGS].drain_timeout)
+
+
+@web.middleware
+async def unexpected_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An exception a route did not expect becomes a logged, counted JSON 500 instead of aiohttp's
+    text page. The callback route never gets here: it turns every exception into a 4xx itself."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        log.exception("relay.internal_error", route=route, method=request.method)
+        request.app[METRICS].internal_errors.labels(route).inc()
+        return _json({"error": "internal_error"}, 500)
 
 
 def _json(body: dict[str, object], status: int = 200) -> web.Response:

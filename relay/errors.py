@@ -41,6 +41,8 @@ class Reject(str, Enum):
     BODY_TOO_LARGE = "body_too_large"
     BODY_TIMEOUT = "body_timeout"
     INCOMPLETE_BODY = "incomplete_body"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+    UNPROCESSABLE = "unprocessable"
     SPOOL_FULL = "spool_full"
     SPOOL_UNAVAILABLE = "spool_unavailable"
     OVERLOADED = "overloaded"
@@ -64,6 +66,11 @@ STATUS: dict[Reject, int] = {
     Reject.BODY_TOO_LARGE: 413,
     Reject.BODY_TIMEOUT: 408,
     Reject.INCOMPLETE_BODY: 400,
+    # Tencent sends plain JSON; a compressed body is refused rather than inflated (no decompression
+    # bombs, no second body format to get wrong).
+    Reject.UNSUPPORTED_ENCODING: 415,
+    # An exception nothing above names: the request gets a 4xx, never a 500; the log has the traceback.
+    Reject.UNPROCESSABLE: 400,
     Reject.SPOOL_FULL: 503,
     Reject.SPOOL_UNAVAILABLE: 503,
     Reject.OVERLOADED: 503,

@@ -8,16 +8,21 @@ response objects, routing, streams). Tencent IM sends every callback in the same
 
 The rule that keeps this small and safe: **the fast path never judges HTTP it does not fully
 understand.** At the first request that is anything else (another path or method, HTTP/1.0,
-chunked or ``Expect``, a header line it does not accept, a query needing percent-decoding, no
-``Content-Length``, a head over 8 KiB), the connection is handed, with every byte buffered so
-far, to aiohttp's own protocol, which serves it from then on. So malformed requests get
-aiohttp's answers and health, readiness and metrics requests are aiohttp's as before. Requests
-on one connection are answered one at a time, in order, as aiohttp does.
+chunked or ``Expect``, a header line it does not accept, no or two ``Host`` headers, a second
+one of any header aiohttp allows once, a ``Content-Encoding`` but identity, a query needing
+percent-decoding, no ``Content-Length``, a head over 8 KiB), the connection is handed, with every
+byte buffered so far, to aiohttp's own protocol, which serves it from then on. An incomplete head
+is held only while it can still become one the fast path takes: a bare LF, a stray control byte or
+a malformed line hands it over at once. So malformed requests get aiohttp's answers, when aiohttp
+would give them, and health, readiness and metrics requests are aiohttp's as before. Requests on
+one connection are answered one at a time, in order, as aiohttp does.
 
 Timeouts mirror the aiohttp server's: a connection whose next request has not arrived
-``keepalive_timeout`` after the last answer is closed (this also cuts slow-header clients); the
-body has the handler's ``body_timeout``; after a reply that closes the connection the rest of the
-request is read and discarded for at most ``lingering_time``.
+``keepalive_timeout`` after the last answer is closed (this also cuts slow-header clients), and a
+hand-over keeps that deadline; the body has the handler's ``body_timeout``; a body the handler did
+not need is read and discarded for at most ``lingering_time``, then the connection is kept, as
+aiohttp keeps it; after a reply that closes the connection the rest of the request is read and
+discarded for at most ``lingering_time``.
 """
 
 from __future__ import annotations
@@ -26,16 +31,19 @@ import asyncio
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
+import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
-from relay.errors import Reject, Rejection
+from relay.errors import STATUS, Reject, Rejection
 
 log = structlog.get_logger()
 
@@ -81,70 +89,148 @@ class FastHandler(Protocol):
     ) -> Reply: ...
 
 
-_INTERNAL_ERROR = Reply(500, b'{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":"internal_error"}', close=True)
-# Header lines: a token, a colon, then visible ASCII, space, tab or obs-text; no control bytes.
-_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# What the fast path answers should the handler ever raise (it turns every exception into a reply
+# itself): the handler's own answer to an unexpected exception.
+_UNPROCESSABLE = Reply(
+    STATUS[Reject.UNPROCESSABLE],
+    orjson.dumps({"ActionStatus": "FAIL", "ErrorCode": 1, "ErrorInfo": Reject.UNPROCESSABLE.value}),
+    close=True,
+)
 # Query bytes that decode to themselves: no percent-escapes or '+' whose meaning could differ
 # between this parser and aiohttp's.
-_PLAIN_QUERY = re.compile(rb"[A-Za-z0-9._~=&:-]*")
+_QUERY_BYTES = rb"[A-Za-z0-9._~=&:-]*"
+_PLAIN_QUERY = re.compile(_QUERY_BYTES)
+# Header lines: a token, a colon, then visible ASCII, space, tab or obs-text; no control bytes.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]"
+_HEADER_LINES = re.compile(rb"(?:" + _TOKEN + rb"+:" + _VALUE + rb"*\r\n)*")
+# What may precede the end of a header line that has not fully arrived.
+_HEADER_LINE_START = re.compile(_TOKEN + rb"*(?::" + _VALUE + rb"*)?")
+# ... and of the request line, after "POST <path>": a plain query, then " HTTP/1.1".
+_REQUEST_LINE_END = re.compile(rb"(?:\?" + _QUERY_BYTES + rb")?(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.1?)?)?)?)?)?)?)?)?")
+# Bytes that no head this path takes contains: control bytes, and a CR or LF not in a CRLF pair.
+_STRAY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|(?<!\r)\n|\r(?!\n)")
+# Headers aiohttp (llhttp) refuses to see twice in a request (its SINGLETON_HEADERS, after RFC 9110):
+# a second one of any of them is left to aiohttp, whose answer is a 400.
+_SINGLETONS = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
+)
 
 
 class _Head:
-    __slots__ = ("close", "forwarded_for", "length", "query")
+    """One request head, taken in line by line (all at once when it arrives whole)."""
 
-    def __init__(self, query: list[tuple[str, str]], forwarded_for: list[str], length: int, close: bool) -> None:
+    __slots__ = ("close", "forwarded_for", "headers", "length", "query", "seen")
+
+    def __init__(self, query: list[tuple[str, str]]) -> None:
         self.query = query
-        self.forwarded_for = forwarded_for
-        self.length = length
-        self.close = close
+        self.forwarded_for: list[str] = []
+        self.length: int | None = None
+        self.close = False
+        self.seen: set[bytes] = set()  # singleton headers present
+        self.headers = 0
+
+    def add(self, line: bytes) -> bool:
+        """One header line (its syntax already checked, no CRLF); False when this path does not
+        take a request with it."""
+        self.headers += 1
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name in _SINGLETONS:
+            if name in self.seen:
+                return False
+            self.seen.add(name)
+            if name == b"content-length":
+                value = value.strip(b" \t")
+                if not value.isdigit() or len(value) > 12:
+                    return False
+                self.length = int(value)
+            elif name == b"transfer-encoding":
+                return False
+        elif name == b"connection":
+            token = value.strip(b" \t").lower()
+            if token == b"close":
+                self.close = True
+            elif token != b"keep-alive":
+                return False
+        elif name == b"content-encoding":
+            if value.strip(b" \t").lower() != b"identity":
+                return False  # aiohttp refuses it (415): one place decides
+        elif name in (b"expect", b"upgrade"):
+            return False
+        elif name == b"x-forwarded-for":
+            if not value.isascii():
+                return False  # aiohttp's decoding of it is the one the source policy has seen
+            self.forwarded_for.append(value.strip(b" \t").decode())
+        return self.headers <= MAX_HEADERS
+
+    def add_lines(self, data: bytes | bytearray, start: int, end: int) -> bool:
+        """The header lines in ``data[start:end]``, each ending in CRLF."""
+        if not _HEADER_LINES.fullmatch(data, start, end):
+            return False
+        return start == end or all(self.add(line) for line in bytes(data[start : end - 2]).split(b"\r\n"))
+
+    @property
+    def complete(self) -> bool:
+        """Whether the head, now ended, is one this path serves: HTTP/1.1 requires exactly one
+        Host (aiohttp answers 400 without), and the body must have a Content-Length."""
+        return self.length is not None and b"host" in self.seen
+
+
+def _request_query(line: bytes | bytearray, path: bytes) -> list[tuple[str, str]] | None:
+    """The query of a request line this path serves, ``POST <path>[?<plain query>] HTTP/1.1``."""
+    prefix = b"POST " + path
+    if not line.startswith(prefix) or not line.endswith(b" HTTP/1.1"):
+        return None
+    target_rest = line[len(prefix) : -9]
+    if not target_rest:
+        return []
+    if target_rest[0] != 0x3F or not _PLAIN_QUERY.fullmatch(target_rest, 1):  # "?"
+        return None
+    return [(k, v) for k, _, v in (p.partition("=") for p in target_rest[1:].decode().split("&") if p)]
 
 
 def parse_head(head: bytes, path: bytes) -> _Head | None:
     """The request line and headers (each line ending in CRLF, the blank line excluded), or None
     when the request is not one this path serves (aiohttp then serves it)."""
     line_end = head.find(b"\r\n")
-    request_line = head[:line_end]
-    prefix = b"POST " + path
-    if not request_line.startswith(prefix) or not request_line.endswith(b" HTTP/1.1"):
+    query = _request_query(head[:line_end], path)
+    if query is None:
         return None
-    target_rest = request_line[len(prefix) : -9]
-    if target_rest:
-        if target_rest[0] != 0x3F or not _PLAIN_QUERY.fullmatch(target_rest, 1):  # "?"
-            return None
-        query = [(k, v) for k, _, v in (p.partition("=") for p in target_rest[1:].decode().split("&") if p)]
-    else:
-        query = []
-    if not _HEADER_LINES.fullmatch(head, line_end + 2):
+    parsed = _Head(query)
+    if not parsed.add_lines(head, line_end + 2, len(head)) or not parsed.complete:
         return None
-    length: int | None = None
-    close = False
-    forwarded_for: list[str] = []
-    lines = head[line_end + 2 : -2].split(b"\r\n")
-    if len(lines) > MAX_HEADERS:
-        return None
-    for line in lines:
-        name, _, value = line.partition(b":")
-        name = name.lower()
-        if name == b"content-length":
-            value = value.strip(b" \t")
-            if length is not None or not value.isdigit() or len(value) > 12:
-                return None
-            length = int(value)
-        elif name == b"connection":
-            token = value.strip(b" \t").lower()
-            if token == b"close":
-                close = True
-            elif token != b"keep-alive":
-                return None
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-            return None
-        elif name == b"x-forwarded-for":
-            if not value.isascii():
-                return None  # aiohttp's decoding of it is the one the source policy has seen
-            forwarded_for.append(value.strip(b" \t").decode())
-    if length is None:
-        return None
-    return _Head(query, forwarded_for, length, close)
+    return parsed
+
+
+def keep_deadline(protocol: RequestHandler, deadline: float) -> None:
+    """Make aiohttp's protocol for a handed-over connection close it at *deadline* unless a whole
+    request has arrived by then, instead of a full keep-alive period after the hand-over.
+
+    aiohttp arms this timer (its keep-alive timeout, which is also what cuts slow headers) in
+    ``connection_made`` and has no public way to move it, so this sets the two private attributes
+    its own ``start()`` sets for the same purpose. Written against aiohttp 3.14 (constraints.txt);
+    tests/app/test_fastpath.py fails if they change (test_hand_over_keeps_the_header_deadline*,
+    test_aiohttp_keepalive_timer_is_where_keep_deadline_expects_it). Should they be missing, the
+    hand-over still works, with aiohttp's full period (the behaviour before this function).
+    """
+    handle = getattr(protocol, "_keepalive_handle", None)  # a uvloop or asyncio TimerHandle
+    if handle is None or not hasattr(protocol, "_next_keepalive_close_time"):
+        return
+    handle.cancel()
+    protocol._next_keepalive_close_time = deadline
+    protocol._keepalive_handle = asyncio.get_running_loop().call_at(deadline, protocol._process_keepalive)
 
 
 class FastPathServer:
@@ -164,6 +250,7 @@ class FastPathServer:
         self.fallback = fallback
         self.handler = handler
         self.path = path.encode()
+        self.prefix = b"POST " + self.path  # how every request line this path takes begins
         self.keepalive_timeout = keepalive_timeout
         self.lingering_time = lingering_time
         self.loop = asyncio.get_running_loop()
@@ -215,7 +302,15 @@ class FastPathServer:
 
 
 class FastConnection(asyncio.Protocol):
-    """One client connection while it sends simple callbacks."""
+    """One client connection while it sends simple callbacks.
+
+    Heads are looked at as their bytes arrive, the way aiohttp's parser looks at them: each chunk
+    received either leaves every request head it completes accepted (and those requests are then
+    answered here, in order), or it holds something this path does not take, and then the requests
+    whose heads it completed, and everything after them, go to aiohttp in the same chunks. aiohttp
+    drops every request completed in a chunk in which its parser fails, so this way a malformed
+    request pipelined behind a good one gets the same answers whichever front end reads it.
+    """
 
     def __init__(self, server: FastPathServer) -> None:
         self.server = server
@@ -223,14 +318,28 @@ class FastConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: str | None = None
         self._buffer = bytearray()
+        self._start = 0  # stream position of the buffer's first byte
+        self._heads: deque[tuple[_Head, int]] = deque()  # accepted heads not yet answered, and their sizes
+        self._next_head = 0  # stream position where the next head (not yet accepted) begins
+        # An incomplete head at _next_head: what it holds so far, and how far it has been looked at.
+        self._partial: _Head | None = None
+        self._lines_end = 0
+        self._scanned = 0
+        # Set once a chunk held something this path does not take: aiohttp serves the connection
+        # after the heads accepted before it; the stream positions where chunks ended from then on.
+        self._handing_over = False
+        self._chunk_ends: list[int] = []
+        self._last = False  # a request with "Connection: close" was accepted: nothing after it is
         self._length = 0  # body length of the request being answered
         self._body_read = False
         self._body_waiter: asyncio.Future[None] | None = None
+        self._skip = 0  # bytes of an unneeded body still to discard
+        self._skip_timer: asyncio.TimerHandle | None = None
         self._idle_since = server.loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._writing_paused = False
-        self._lingering = False
+        self._closing = False  # a reply said "Connection: close": nothing more is served
         # Never buffer more than one whole request ahead (the body being read is at most the cap).
         self._max_buffer = MAX_HEAD + server.handler.max_body_bytes
 
@@ -247,9 +356,20 @@ class FastConnection(asyncio.Protocol):
         self._timer = self.server.loop.call_at(self._idle_since + self.server.keepalive_timeout, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._start += skipped
+            self._skip -= skipped
+            data = data[skipped:]
+            if not self._skip:
+                self._skipped()
+        if self._closing or not data:
             return
         self._buffer += data
+        if self._handing_over:
+            self._chunk_ends.append(self._start + len(self._buffer))
+        else:
+            self._vet()
         if self.task is None:
             self._next()
         else:
@@ -266,9 +386,10 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._skip_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._skip_timer = None
         waiter = self._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("connection lost while reading the body"))
@@ -281,12 +402,103 @@ class FastConnection(asyncio.Protocol):
         if self.task is None:
             self._next()
 
+    # -- heads -----------------------------------------------------------------------------------
+
+    def _vet(self) -> None:
+        """Accept the heads the chunk just received completes, or, at the first thing this path
+        does not take, leave them and everything after them to aiohttp."""
+        if self._last:
+            return
+        buffer = self._buffer
+        first_new: int | None = None  # stream position of the first head this chunk completes
+        accepted = len(self._heads)
+        while (start := self._next_head - self._start) < len(buffer):
+            end = buffer.find(b"\r\n\r\n", start, start + MAX_HEAD + 4)
+            if end < 0:
+                if len(buffer) - start <= MAX_HEAD and self._may_become_a_head(start):
+                    return  # wait for the rest
+                break
+            head = self._finish_head(start, end)
+            if head is None or head.length is None:
+                break
+            if first_new is None:
+                first_new = self._start + start
+            self._heads.append((head, end + 4 - start))
+            self._next_head = self._start + end + 4 + head.length
+            self._partial = None
+            if head.close:
+                # Nothing after "Connection: close" is read; aiohttp's parser fails on bytes that
+                # follow it in the same chunk (and ignores those in later ones).
+                if self._next_head - self._start < len(buffer):
+                    break
+                self._last = True
+                return
+        else:
+            return  # every head this chunk completed is accepted
+        # aiohttp's parser would have failed on this chunk and answered none of the requests it
+        # completed: they go to aiohttp too, and aiohttp sees the chunk boundaries from here on.
+        while len(self._heads) > accepted:
+            self._heads.pop()
+        if first_new is not None:
+            self._next_head = first_new
+        self._handing_over = True
+        self._chunk_ends = [self._start + len(buffer)]
+
+    def _finish_head(self, start: int, end: int) -> _Head | None:
+        """The head at ``buffer[start:end]`` (its blank line at *end*) if this path takes it."""
+        buffer = self._buffer
+        partial = self._partial
+        if partial is None:  # it arrived whole: the common case
+            return parse_head(bytes(buffer[start : end + 2]), self.server.path)
+        lines_from = self._lines_end - self._start
+        if not partial.add_lines(buffer, lines_from, end + 2) or not partial.complete:
+            return None
+        return partial
+
+    def _may_become_a_head(self, start: int) -> bool:
+        """Whether the incomplete head at ``buffer[start:]`` can still become one this path takes.
+
+        Only then is it held; anything else goes to aiohttp at once, which answers it as it would
+        have without the fast path (a request with bare-LF line ends gets its 400 now, not a silent
+        close at the keep-alive deadline). Each byte and each complete line is looked at once."""
+        buffer = self._buffer
+        prefix = self.server.prefix
+        if buffer[start : start + len(prefix)] != prefix[: len(buffer) - start]:
+            return False
+        end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)  # a CR may be half a CRLF
+        if _STRAY_BYTES.search(buffer, max(self._scanned - self._start, start), end):
+            return False
+        self._scanned = self._start + end
+        lines_from = max(self._lines_end - self._start, start)
+        last = buffer.rfind(b"\r\n", lines_from)
+        if last >= 0:  # lines completed since the last look
+            if self._partial is None:
+                line_end = buffer.find(b"\r\n", start)
+                query = _request_query(buffer[start:line_end], self.server.path)
+                if query is None:
+                    return False
+                self._partial = _Head(query)
+                lines_from = line_end + 2
+            if not self._partial.add_lines(buffer, lines_from, last + 2):
+                return False
+            self._lines_end = self._start + last + 2
+            lines_from = last + 2
+        if self._partial is None:  # the request line, still arriving
+            return len(buffer) - start <= len(prefix) or bool(
+                _REQUEST_LINE_END.fullmatch(buffer, start + len(prefix), end)
+            )
+        return bool(_HEADER_LINE_START.fullmatch(buffer, lines_from, end))
+
+    def _consume(self, size: int) -> None:
+        del self._buffer[:size]
+        self._start += size
+
     # -- requests --------------------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Start the next buffered request, hand the connection over, or wait for more bytes."""
+        """Start the next accepted request, hand the connection over, or wait for more bytes."""
         transport = self._transport
-        if transport is None or transport.is_closing() or self._writing_paused:
+        if transport is None or transport.is_closing() or self._writing_paused or self._skip:
             return
         if self._reading_paused and len(self._buffer) <= self._max_buffer:
             self._reading_paused = False
@@ -294,18 +506,13 @@ class FastConnection(asyncio.Protocol):
         if self.server.closing:
             transport.close()
             return
-        buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-        if end < 0:
-            if len(buffer) > MAX_HEAD:
+        if not self._heads:
+            if self._handing_over:
                 self._hand_over()
             return
-        head = parse_head(bytes(buffer[: end + 2]), self.server.path)
-        if head is None:
-            self._hand_over()
-            return
-        del buffer[: end + 4]
-        self._length = head.length
+        head, size = self._heads.popleft()
+        self._consume(size)
+        self._length = head.length or 0
         self._body_read = False
         self.task = self.server.loop.create_task(self._answer(head))
 
@@ -313,16 +520,15 @@ class FastConnection(asyncio.Protocol):
         try:
             reply = await self.server.handler.process(head.query, self._peer, head.forwarded_for, self._read_body)
         except Exception:
-            log.exception("relay.internal_error", peer=self._peer)
-            reply = _INTERNAL_ERROR
+            log.exception("relay.internal_error", route="callback", peer=self._peer)
+            reply = _UNPROCESSABLE
         close = head.close or reply.close or self.server.closing
         if not self._body_read:
-            # Answered without reading the body (a refused signature, say): skip it if it is all
-            # here, else closing is cheaper than reading it.
-            if len(self._buffer) >= self._length:
-                del self._buffer[: self._length]
-            else:
-                close = True
+            # Answered without reading the body (a refused signature, say): skip it, as aiohttp
+            # does; what has not arrived yet is discarded as it comes.
+            unread = self._length - len(self._buffer)
+            self._consume(min(self._length, len(self._buffer)))
+            self._skip = max(unread, 0)
         self.server.served += 1
         self.task = None
         transport = self._transport
@@ -330,10 +536,19 @@ class FastConnection(asyncio.Protocol):
             return
         transport.write(self.server.encode(reply, close))
         if close:
-            self._linger()
-            return
-        self._idle_since = self.server.loop.time()
-        self._next()
+            # As aiohttp: nothing more is read but the rest of this body, then the connection closes.
+            self._closing = True
+            self._buffer.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if self._skip:
+            self._skip_body()
+        elif close:
+            transport.close()
+        else:
+            self._idle_since = self.server.loop.time()
+            self._next()
 
     async def _read_body(self) -> bytes:
         """The body reader handed to :meth:`FastHandler.process`: cap, deadline, no copy twice."""
@@ -354,42 +569,52 @@ class FastConnection(asyncio.Protocol):
             finally:
                 self._body_waiter = None
         body = bytes(self._buffer[:length])
-        del self._buffer[:length]
+        self._consume(length)
         self._body_read = True
         return body
 
     # -- connection lifetime ---------------------------------------------------------------------
 
     def _on_timer(self) -> None:
-        """One timer per connection, re-armed lazily: closes it once idle for keepalive_timeout."""
+        """One timer per connection, re-armed lazily: once idle for keepalive_timeout, the
+        connection is closed, or handed over if part of a head is buffered (aiohttp then answers
+        it as it would have, or closes it)."""
         loop = self.server.loop
         deadline = self._idle_since + self.server.keepalive_timeout
-        if self.task is None and loop.time() >= deadline:
+        busy = self.task is not None or self._skip > 0
+        if not busy and loop.time() >= deadline:
             self._timer = None
-            if self._transport is not None:
-                self._transport.close()
+            if self._transport is not None and not self._transport.is_closing():
+                if self._buffer:
+                    self._hand_over()
+                else:
+                    self._transport.close()
             return
-        if self.task is not None:
+        if busy:
             deadline = loop.time() + self.server.keepalive_timeout
         self._timer = loop.call_at(deadline, self._on_timer)
 
-    def _linger(self) -> None:
-        """After a closing reply: stop sending, discard what the client still sends, close on its
-        EOF or after ``lingering_time``."""
+    def _skip_body(self) -> None:
+        """Discard the rest of a body the handler did not need, as aiohttp does: for at most
+        ``lingering_time``, after which the connection is closed; once it is all here, the
+        connection closes if the reply said so, else the next request is read (and the
+        keep-alive period starts then, as on aiohttp)."""
         transport = self._transport
         assert transport is not None
-        self._lingering = True
-        self._buffer.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.server.loop.call_later(self.server.lingering_time, transport.close)
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:
-            transport.close()
+        self._skip_timer = self.server.loop.call_later(self.server.lingering_time, transport.close)
+
+    def _skipped(self) -> None:
+        if self._skip_timer is not None:
+            self._skip_timer.cancel()
+            self._skip_timer = None
+        if self._closing:
+            if self._transport is not None:
+                self._transport.close()
+            return
+        self._idle_since = self.server.loop.time()
 
     def close_if_idle(self) -> None:
         if self.task is None and self._transport is not None:
@@ -400,7 +625,9 @@ class FastConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _hand_over(self) -> None:
-        """From now on aiohttp serves this connection, starting with the bytes buffered here."""
+        """From now on aiohttp serves this connection: it gets the bytes buffered here in the
+        chunks they arrived in, and the keep-alive deadline already running (a slow head gets no
+        second period)."""
         transport = self._transport
         assert transport is not None
         self.server.connections.discard(self)
@@ -414,11 +641,15 @@ class FastConnection(asyncio.Protocol):
         protocol = self.server.fallback()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        keep_deadline(protocol, self._idle_since + self.server.keepalive_timeout)
         self._transport = None
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            protocol.data_received(data)
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        cut = 0
+        for chunk_end in [*self._chunk_ends[:-1], self._start + len(data)]:
+            if chunk_end - self._start > cut:
+                protocol.data_received(data[cut : chunk_end - self._start])
+                cut = chunk_end - self._start
 
 
 class RelayRunner(web.AppRunner):

@@ -158,6 +158,14 @@ class Metrics:
             " shape, or RELAY_HTTP_FAST_PATH=off).",
             registry=registry,
         )
+        self.internal_errors = Counter(
+            "relay_internal_errors_total",
+            "Requests that raised an exception the relay does not expect (a bug: the log has the"
+            " traceback), by route: 'callback' (answered 400 unprocessable) or another route's path"
+            " (answered 500).",
+            ["route"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "relay_callback_rejections_total",
             "Callbacks (or items of one) refused, by stable error code.",
@@ -351,6 +359,7 @@ class Metrics:
         """Create every bounded label combination at zero so rates and alerts see the series at once."""
         for code in Reject:
             self.rejections.labels(code.value)
+        self.internal_errors.labels("callback")
         for field in (*ANOMALY_FIELDS, "other"):
             self.anomalies.labels(field)
         for ctype in CONVERSATION_TYPES:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import aiohttp
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from relay.access import SourcePolicy
 from relay.correlation import Enricher
@@ -31,7 +31,7 @@ log = structlog.get_logger()
 
 OK_BODY = orjson.dumps({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
 # After refusing these the rest of the request is not worth reading: the connection is closed.
-_CLOSING = frozenset({Reject.BODY_TOO_LARGE, Reject.BODY_TIMEOUT, Reject.INCOMPLETE_BODY})
+_CLOSING = frozenset({Reject.BODY_TOO_LARGE, Reject.BODY_TIMEOUT, Reject.INCOMPLETE_BODY, Reject.UNPROCESSABLE})
 
 
 OK = Reply(200, OK_BODY)
@@ -83,9 +83,13 @@ class CallbackHandler:
     async def handle(self, request: web.Request) -> web.Response:
         """The aiohttp route; :mod:`relay.fastpath` calls :meth:`process` directly."""
         self.metrics.callbacks_via_aiohttp.inc()
-        # X-Forwarded-For matters only to an active source allow-list: not looked up otherwise.
-        forwarded = request.headers.getall("X-Forwarded-For", ()) if self.sources.active else ()
-        reply = await self.process(request.query.items(), request.remote, forwarded, lambda: self._read_body(request))
+        try:
+            # X-Forwarded-For matters only to an active source allow-list: not looked up otherwise.
+            forwarded = request.headers.getall("X-Forwarded-For", ()) if self.sources.active else ()
+            query = request.query.items()
+        except Exception as exc:  # noqa: BLE001 - process() never raises; this covers reading the request
+            return self._failed(exc, request.remote, None).response()
+        reply = await self.process(query, request.remote, forwarded, lambda: self._read_body(request))
         return reply.response()
 
     async def process(
@@ -110,6 +114,8 @@ class CallbackHandler:
         except Rejection as rejection:
             reply = self._reject(rejection, peer, command)
             outcome = "unavailable" if rejection.status == 503 else "rejected"
+        except Exception as exc:  # noqa: BLE001 - never a 500: anything else is a 4xx with a stable code
+            reply = self._failed(exc, peer, command)
         finally:
             self.in_flight -= 1
         self.metrics.child(self.metrics.callbacks, command_label(command), outcome).inc()
@@ -231,17 +237,39 @@ class CallbackHandler:
         )
         return FAIL[rejection.code]
 
+    def _failed(self, exc: Exception, peer: str | None, command: str | None) -> Reply:
+        """An exception no code names (a bug, or input nobody foresaw): 400 ``unprocessable`` and
+        the connection closed, logged with its traceback and counted like any refusal."""
+        self.metrics.rejections.labels(Reject.UNPROCESSABLE.value).inc()
+        self.metrics.internal_errors.labels("callback").inc()
+        log.error(
+            "relay.callback_rejected",
+            code=Reject.UNPROCESSABLE.value,
+            status=STATUS[Reject.UNPROCESSABLE],
+            detail=repr(exc)[:300],
+            command=command_label(command),
+            peer=peer,
+            exc_info=exc,
+        )
+        return FAIL[Reject.UNPROCESSABLE]
+
     async def _read_body(self, request: web.Request) -> bytes:
         """Read at most ``max_body_bytes`` within ``body_timeout``; never buffer past the cap."""
+        # aiohttp runs with auto_decompress=False (relay.app.make_runner): the body arrives as sent,
+        # and one in any coding but identity is refused, never inflated. The fast path hands such
+        # requests to aiohttp, so this is the one place that decides.
+        codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+        if codings and {c.strip(" \t").lower() for v in codings for c in v.split(",")} != {"identity"}:
+            raise Rejection(Reject.UNSUPPORTED_ENCODING, f"Content-Encoding {', '.join(codings)[:100]!r}")
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise Rejection(Reject.BODY_TOO_LARGE, f"Content-Length {request.content_length} > {limit}")
-        if request.content.is_eof() and request.content_length is not None:
-            # The whole (small) body arrived with the headers: no waiting, so no deadline needed.
-            return await request.content.read()
         chunks: list[bytes] = []
         size = 0
         try:
+            if request.content.is_eof() and request.content_length is not None:
+                # The whole (small) body arrived with the headers: no waiting, so no deadline needed.
+                return await request.content.read()
             async with asyncio.timeout(self.body_timeout):
                 while chunk := await request.content.readany():
                     size += len(chunk)
@@ -250,6 +278,6 @@ class CallbackHandler:
                     chunks.append(chunk)
         except TimeoutError:
             raise Rejection(Reject.BODY_TIMEOUT, f"body not received within {self.body_timeout}s") from None
-        except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        except (ConnectionError, web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
             raise Rejection(Reject.INCOMPLETE_BODY, repr(exc)[:200]) from exc
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)

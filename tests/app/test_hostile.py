@@ -3,6 +3,7 @@ rejection metric and one log event, never a 500 — and a valid callback right a
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,58 @@ async def test_no_secret_reaches_logs_metrics_or_replies(client: TestClient) -> 
     haystack = repr(logs) + metrics + readiness + "".join(replies)
     for secret in (TOKEN, OLD_TOKEN, good_sign, sign(OLD_TOKEN, str(T))):
         assert secret not in haystack
+
+
+async def test_compressed_body_is_refused_not_inflated(client: TestClient) -> None:  # type: ignore[type-arg]
+    """A gzip body (or one merely labelled so) gets 415 unsupported_encoding, counted and logged once."""
+    registry: CollectorRegistry = client.registry  # type: ignore[attr-defined]
+    with capture_logs() as logs:
+        for data in (gzip.compress(c2c()), c2c()):
+            response = await client.post(query(), data=data, headers={"Content-Encoding": "gzip"})
+            assert (415, "unsupported_encoding") == (response.status, (await response.json())["ErrorInfo"])
+    assert 2 == registry.get_sample_value("relay_callback_rejections_total", {"reason": "unsupported_encoding"})
+    assert 2 == len([e for e in logs if e["event"] == "relay.callback_rejected"])
+    identity = await client.post(query(), data=c2c(), headers={"Content-Encoding": "identity"})
+    assert 200 == identity.status
+
+
+async def test_an_unexpected_exception_is_a_400_not_a_500(
+    client: TestClient,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever raises on the callback path becomes 400 unprocessable: logged with its traceback,
+    counted as a rejection and as an internal error, and the connection is closed."""
+    registry: CollectorRegistry = client.registry  # type: ignore[attr-defined]
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("relay.tencent.ingress.normalize", broken)
+    with capture_logs() as logs:
+        response = await client.post(query(), data=c2c())
+        reply = await response.json()
+    assert (400, "unprocessable", "close") == (response.status, reply["ErrorInfo"], response.headers["Connection"])
+    (event,) = [e for e in logs if e["event"] == "relay.callback_rejected"]
+    assert ("error", "unprocessable", "RuntimeError('a bug')") == (event["log_level"], event["code"], event["detail"])
+    assert isinstance(event["exc_info"], RuntimeError)
+    assert 1 == registry.get_sample_value("relay_callback_rejections_total", {"reason": "unprocessable"})
+    assert 1 == registry.get_sample_value("relay_internal_errors_total", {"route": "callback"})
+
+
+async def test_an_unexpected_exception_elsewhere_is_a_logged_json_500(
+    client: TestClient,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off the callback path an internal bug may still be a 500, but a JSON one, logged and counted."""
+    registry: CollectorRegistry = client.registry  # type: ignore[attr-defined]
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("relay.app.readiness", broken)
+    with capture_logs() as logs:
+        response = await client.get("/readyz")
+        body = await response.json()
+    assert (500, {"error": "internal_error"}) == (response.status, body)
+    assert ["/readyz"] == [e["route"] for e in logs if e["event"] == "relay.internal_error"]
+    assert 1 == registry.get_sample_value("relay_internal_errors_total", {"route": "/readyz"})
