@@ -24,6 +24,7 @@ class MatrixReject(str, Enum):
     BODY_TOO_LARGE = "body_too_large"
     BODY_TIMEOUT = "body_timeout"
     INCOMPLETE_BODY = "incomplete_body"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
     SPOOL_FULL = "spool_full"
     SPOOL_UNAVAILABLE = "spool_unavailable"
 
@@ -41,6 +42,7 @@ ANSWERS: dict[MatrixReject, tuple[int, str]] = {
     MatrixReject.BODY_TOO_LARGE: (413, "M_TOO_LARGE"),
     MatrixReject.BODY_TIMEOUT: (408, "M_UNKNOWN"),
     MatrixReject.INCOMPLETE_BODY: (400, "M_UNKNOWN"),
+    MatrixReject.UNSUPPORTED_ENCODING: (415, "M_UNKNOWN"),
     MatrixReject.SPOOL_FULL: (503, "M_UNKNOWN"),
     MatrixReject.SPOOL_UNAVAILABLE: (503, "M_UNKNOWN"),
 }

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 
+from relay.bodies import BodyError, read_body
 from relay.correlation import Enricher, apply
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError, SpoolFull
@@ -229,24 +229,10 @@ class TransactionHandler:
         return REFUSED[rejection.code]
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """Read at most ``max_body_bytes`` within ``body_timeout``; never buffer past the cap."""
-        limit = self.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise MatrixRejection(MatrixReject.BODY_TOO_LARGE, f"Content-Length {request.content_length} > {limit}")
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async with asyncio.timeout(self.body_timeout):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > limit:
-                        raise MatrixRejection(MatrixReject.BODY_TOO_LARGE, f"body exceeds {limit} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise MatrixRejection(MatrixReject.BODY_TIMEOUT, f"body not received within {self.body_timeout}s") from None
-        except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
-            raise MatrixRejection(MatrixReject.INCOMPLETE_BODY, repr(exc)[:200]) from exc
-        return b"".join(chunks)
+            return await read_body(request, self.max_body_bytes, self.body_timeout)
+        except BodyError as exc:
+            raise MatrixRejection(MatrixReject(exc.problem.value), exc.detail) from exc
 
 
 def from_settings(

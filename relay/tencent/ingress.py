@@ -7,16 +7,15 @@ Replies use Tencent's envelope; ``ErrorInfo`` carries the stable error code and 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-import aiohttp
 import orjson
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from relay.access import SourcePolicy
+from relay.bodies import BodyError, read_body
 from relay.correlation import Enricher
 from relay.dispatch import Dispatcher
 from relay.errors import STATUS, Reject, Rejection, SpoolError, SpoolFull
@@ -254,30 +253,8 @@ class CallbackHandler:
         return FAIL[Reject.UNPROCESSABLE]
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """Read at most ``max_body_bytes`` within ``body_timeout``; never buffer past the cap."""
-        # aiohttp runs with auto_decompress=False (relay.app.make_runner): the body arrives as sent,
-        # and one in any coding but identity is refused, never inflated. The fast path hands such
-        # requests to aiohttp, so this is the one place that decides.
-        codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
-        if codings and {c.strip(" \t").lower() for v in codings for c in v.split(",")} != {"identity"}:
-            raise Rejection(Reject.UNSUPPORTED_ENCODING, f"Content-Encoding {', '.join(codings)[:100]!r}")
-        limit = self.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise Rejection(Reject.BODY_TOO_LARGE, f"Content-Length {request.content_length} > {limit}")
-        chunks: list[bytes] = []
-        size = 0
+        """The aiohttp route's body reader (the fast path has its own, for the requests it takes)."""
         try:
-            if request.content.is_eof() and request.content_length is not None:
-                # The whole (small) body arrived with the headers: no waiting, so no deadline needed.
-                return await request.content.read()
-            async with asyncio.timeout(self.body_timeout):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > limit:
-                        raise Rejection(Reject.BODY_TOO_LARGE, f"body exceeds {limit} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise Rejection(Reject.BODY_TIMEOUT, f"body not received within {self.body_timeout}s") from None
-        except (ConnectionError, web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
-            raise Rejection(Reject.INCOMPLETE_BODY, repr(exc)[:200]) from exc
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return await read_body(request, self.max_body_bytes, self.body_timeout)
+        except BodyError as exc:
+            raise Rejection(Reject(exc.problem.value), exc.detail) from exc

@@ -4,6 +4,7 @@ publisher in place of RabbitMQ: tokens, transactions made safe before the 200, r
 from __future__ import annotations
 
 import asyncio
+import gzip
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -339,6 +340,21 @@ async def test_bodies_over_the_matrix_limit_are_413_and_under_it_are_read(
 
     response = await client.put("/_matrix/app/v1/transactions/chunked", data=chunks(), headers=BEARER)
     assert (413, refused("body_too_large", "M_TOO_LARGE")) == (response.status, await response.json())
+
+
+@pytest.mark.parametrize("gzipped", [True, False], ids=["real-gzip", "gzip-label-on-plain-json"])
+async def test_an_encoded_body_is_415_and_never_inflated(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
+    gzipped: bool,
+) -> None:
+    """A Content-Encoding other than identity is refused with 415, whatever the body holds."""
+    plain = orjson.dumps({"events": [redaction("$gz")]})
+    body = gzip.compress(plain) if gzipped else plain
+    headers = {**BEARER, "Content-Encoding": "gzip"}
+    response = await client.put("/_matrix/app/v1/transactions/gz", data=body, headers=headers)
+    assert (415, refused("unsupported_encoding", "M_UNKNOWN")) == (response.status, await response.json())
+    assert [] == publisher.published
 
 
 async def test_a_transaction_of_a_thousand_redactions_is_published(
