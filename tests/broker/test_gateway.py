@@ -353,6 +353,21 @@ async def test_the_rate_limit_holds_under_1000_requests(make_stack: StackFactory
 # -- across processes: a restart between request and callback, and the command queue ------------
 
 
+def process_env(names: dict[str, str], amqp_url: str, sim_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """gateway_env for ``relay serve`` in its own process (the apps and tokens make_settings adds in-process)."""
+    return gateway_env(
+        names,
+        amqp_url,
+        sim_url,
+        RELAY_SPOOL_DIR=str(tmp_path / "spool"),
+        RELAY_SDKAPPIDS=APP,
+        RELAY_CALLBACK_TOKENS=f"{APP}={TOKEN}",
+        RELAY_SHUTDOWN_DELAY="0",
+        RELAY_LOG_LEVEL="warning",
+        **extra,
+    )
+
+
 class RelayProcess:
     """``python -m relay serve`` with an environment, waited for until ready."""
 
@@ -426,17 +441,7 @@ async def test_a_restart_between_request_and_callback_still_joins(
     """The request is recorded in Redis; the relay restarts; the callback that arrives afterwards
     at the new process is joined to the request."""
     port, api_port = free_port(), free_port()
-    env = gateway_env(
-        names,
-        amqp_url,
-        sim.url,
-        RELAY_REDIS_URL=redis_url,
-        RELAY_SPOOL_DIR=str(tmp_path / "spool"),
-        RELAY_SDKAPPIDS=APP,
-        RELAY_CALLBACK_TOKENS=f"{APP}={TOKEN}",
-        RELAY_SHUTDOWN_DELAY="0",
-        RELAY_LOG_LEVEL="warning",
-    )
+    env = process_env(names, amqp_url, sim.url, tmp_path, RELAY_REDIS_URL=redis_url)
     first = RelayProcess(env, port, api_port)
     processes.append(first)
     await first.start()
@@ -542,18 +547,7 @@ async def test_a_command_is_redelivered_after_a_consumer_crash(
     relay, which carries it out (Tencent: already recalled) and acks it; the audit events of both
     attempts share their eventIDs, so consumers see one request."""
     command_queue = f"{names['queue']}.commands"
-    env = gateway_env(
-        names,
-        amqp_url,
-        sim.url,
-        RELAY_COMMAND_QUEUE=command_queue,
-        RELAY_SPOOL_DIR=str(tmp_path / "spool"),
-        RELAY_SDKAPPIDS=APP,
-        RELAY_CALLBACK_TOKENS=f"{APP}={TOKEN}",
-        RELAY_SHUTDOWN_DELAY="0",
-        RELAY_TENCENT_TIMEOUT="10",
-        RELAY_LOG_LEVEL="warning",
-    )
+    env = process_env(names, amqp_url, sim.url, tmp_path, RELAY_COMMAND_QUEUE=command_queue, RELAY_TENCENT_TIMEOUT="10")
     port, api_port = free_port(), free_port()
     tag = uuid.uuid4().hex[:8]
     sim.seed_c2c(APP, "u_a", "u_b", f"crash_{tag}")
