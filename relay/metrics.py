@@ -192,6 +192,12 @@ class Metrics:
             "Successful connections (first and re-connections) to RabbitMQ.",
             registry=registry,
         )
+        self.broker_failovers = Counter(
+            "relay_broker_failovers_total",
+            "Connections opened to another RabbitMQ endpoint than the one used before (RELAY_AMQP_URL lists"
+            " several nodes).",
+            registry=registry,
+        )
         self._prime()
 
     def _prime(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from relay.access import Network, parse_networks
+from relay.endpoints import Endpoint, EndpointError, parse_endpoints, redact
 from relay.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -77,10 +78,12 @@ class Settings:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
         tokens = {app: "***" for app in self.callback_tokens}
         redis = redact_url(self.redis_url) if self.redis_url else None
-        return (
-            f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
-            f"redis_url={redis!r})"
-        )
+        return f"Settings(amqp_url={redact(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, redis_url={redis!r})"
+
+    @property
+    def amqp_endpoints(self) -> tuple[Endpoint, ...]:
+        """The broker nodes of ``RELAY_AMQP_URL``, in the order they are tried."""
+        return parse_endpoints(self.amqp_url)
 
     @property
     def accepted_apps(self) -> frozenset[str]:
@@ -116,8 +119,10 @@ class Settings:
 
         url = get("RELAY_AMQP_URL")
         if url is not None:
-            if urlsplit(url).scheme not in ("amqp", "amqps"):
-                problems.append(f"RELAY_AMQP_URL: must start with amqp:// or amqps://, got {redact_url(url)!r}")
+            try:
+                parse_endpoints(url)
+            except EndpointError as exc:
+                problems.append(f"RELAY_AMQP_URL: {exc}")
             else:
                 values["amqp_url"] = url
 

@@ -79,6 +79,7 @@ class RecordingPublisher:
         self.delay = 0.0
         self.started = False
         self.closed = False
+        self.endpoint: str | None = "recording:5672"
 
     @property
     def ready(self) -> bool:
