@@ -50,7 +50,7 @@ class EndpointTransport(aiormq.TransportFactory):
                 async with asyncio.timeout(self._tcp_timeout):
                     streams = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context, **kwargs)
             except (OSError, TimeoutError, ValueError) as exc:
-                self.errors[endpoint.display] = describe(exc)
+                self.errors[endpoint.display] = describe(exc, endpoint)
                 continue
             self.errors.pop(endpoint.display, None)
             self.current = endpoint
@@ -153,7 +153,7 @@ async def connect(
             await connection.close()
             last = exc
             if transport.current is not None:
-                transport.errors[transport.current.display] = describe(exc)
+                transport.errors[transport.current.display] = describe(exc, transport.current)
             if isinstance(exc, NoEndpointAnswered):
                 break  # the transport already tried every endpoint
             continue

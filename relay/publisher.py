@@ -163,7 +163,7 @@ class AmqpPublisher:
                 log.warning(
                     "relay.broker_connect_failed",
                     endpoint=endpoint.display,
-                    error=describe(exc),
+                    error=describe(exc, endpoint),
                     retry_in=round(delay, 2),
                     next_endpoint=self._endpoints[self._next].display,
                 )
