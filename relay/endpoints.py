@@ -152,6 +152,7 @@ def parse_endpoint(raw: str) -> Endpoint:
         raise EndpointError(f"{_shown(url)}: must start with amqp:// or amqps://")
     if not host:
         raise EndpointError(f"{_shown(url)}: no host")
+    port = port or DEFAULT_PORTS[scheme]
     where = f"{host}:{port}"
     query = url.query
     unknown = sorted(set(query) - KNOWN_OPTIONS)
@@ -163,7 +164,7 @@ def parse_endpoint(raw: str) -> Endpoint:
     tls = scheme == "amqps"
     given_tls = [name for name in TLS_OPTIONS if name in query]
     if given_tls and not tls:
-        raise EndpointError(f"{where}: {', '.join(given_tls)} only apply to amqps:// URLs")
+        raise EndpointError(f"{where}: TLS options ({', '.join(given_tls)}) need an amqps:// URL")
     no_verify = query.get("no_verify_ssl", "0")
     if no_verify not in ("0", "1"):
         raise EndpointError(f"{where}: no_verify_ssl must be 0 or 1, got {no_verify!r}")
@@ -188,7 +189,7 @@ def parse_endpoint(raw: str) -> Endpoint:
     return Endpoint(
         url=raw,
         host=host,
-        port=port or DEFAULT_PORTS[scheme],
+        port=port,
         tls=tls,
         vhost=vhost,
         user=url.user or "guest",
