@@ -36,6 +36,8 @@ BINDING_KEY = f"{EVENT_TYPE}.#"
 # Handshake and topology declaration on a healthy node take milliseconds; a node that accepts the
 # socket but does not answer (frozen, partitioned) must not hold up the move to the next one for long.
 _CONNECT_TIMEOUT = 5.0
+# A connection that answers every publish with basic.nack for this long is replaced (see _maybe_recycle).
+_NACK_RECYCLE_AFTER = 1.0
 _PROPERTIES = amqp.PropertiesTemplate(
     content_type="application/json",
     delivery_mode=2,  # persistent
@@ -63,6 +65,10 @@ class Publisher(Protocol):
     def endpoint(self) -> str | None:
         """``host:port`` of the broker node in use, or None while disconnected."""
 
+    @property
+    def connections(self) -> int:
+        """Connections opened so far: a change means a fresh channel, worth retrying at once."""
+
 
 class AmqpPublisher:
     """Confirmed, persistent, mandatory publishes to one topic exchange over a supervised connection."""
@@ -85,6 +91,8 @@ class AmqpPublisher:
         self._last_used: Endpoint | None = None  # the endpoint of the last connection, kept after it is lost
         self._lost_at: float | None = None  # monotonic time the last connection was lost
         self._first_confirm_pending = False
+        self._stalled = False  # a publish timed out on this connection and nothing was confirmed since
+        self.connections = 0
         self._exchange = exchange
         self._queues = queues
         self._timeout = publish_timeout
@@ -188,8 +196,10 @@ class AmqpPublisher:
         previous, self._in_use = self._last_used, endpoint
         self._last_used = endpoint
         self._first_confirm_pending = True
+        self._stalled = False
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
+        self.connections += 1
         self.connected.set()
         log.info(
             "relay.broker_connected", endpoint=endpoint.display, exchange=self._exchange, queues=list(self._queues)
@@ -250,7 +260,7 @@ class AmqpPublisher:
                 self._metrics.broker_blocked.set(int(was_blocked))
                 log.warning("relay.broker_blocked" if was_blocked else "relay.broker_unblocked")
         recycle.cancel()
-        await self._drop("connection_lost")
+        await self._drop("unresponsive" if self._recycle.is_set() else "connection_lost")
 
     async def _drop(self, why: str) -> None:
         connection = self._connection
@@ -290,40 +300,62 @@ class AmqpPublisher:
         try:
             await connection.publish(self._exchange, envelope.routing_key, envelope.body, properties, envelope.event_id)
         except amqp.ConfirmTimeout:
-            self._maybe_recycle()
+            self._stalled = True
+            self._maybe_recycle("timeout", 2 * self._timeout)
             raise self._failed("timeout", f"no confirm within {self._timeout}s", in_doubt=True) from None
         except amqp.Returned as exc:  # basic.return: no queue is bound for the key
             raise self._failed("returned", str(exc)) from exc
         except amqp.Nacked as exc:
+            self._maybe_recycle("nacked", _NACK_RECYCLE_AFTER)
             raise self._failed("nacked", str(exc)) from exc
         except amqp.AmqpError as exc:
             raise self._failed("disconnected", str(exc)[:200], in_doubt=exc.in_doubt) from exc
         except asyncio.CancelledError:
             # Our own cancellation (shutdown) must propagate; nothing else cancels this future.
             raise
-        self._last_confirm = time.monotonic()
+        now = time.monotonic()
+        if self._first_confirm_pending or self._stalled:
+            self._confirming_again(connection, now - self._last_confirm)
+        self._last_confirm = now
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
         self._metrics.child(self._metrics.publishes, "confirmed").inc()
-        if self._first_confirm_pending:
-            self._first_confirmed(connection)
 
-    def _first_confirmed(self, connection: amqp.Connection) -> None:
-        """Log the first confirm of a connection: with a lost node behind it, the end of the failover."""
-        self._first_confirm_pending = False
-        if connection is self._connection and self._in_use is not None:
+    def _confirming_again(self, connection: amqp.Connection, without_confirm: float) -> None:
+        """Log the first confirm of a connection (with a lost node behind it: the end of the failover),
+        and the first after confirms stalled on a live one (e.g. a quorum queue electing a new leader)."""
+        if connection is not self._connection or self._in_use is None:
+            return
+        if self._first_confirm_pending:
             log.info(
                 "relay.broker_confirming",
                 endpoint=self._in_use.display,
                 seconds_since_lost=round(time.monotonic() - self._lost_at, 3) if self._lost_at else None,
             )
+        else:
+            log.info(
+                "relay.broker_confirms_resumed",
+                endpoint=self._in_use.display,
+                seconds_without_confirm=round(without_confirm, 3),
+            )
+        self._first_confirm_pending = self._stalled = False
 
-    def _maybe_recycle(self) -> None:
-        """A connection that stays open but has confirmed nothing for two publish timeouts is not
-        trusted any more (frozen or half-dead broker, stuck channel): drop it and reconnect, rather
-        than wait for heartbeats to notice."""
-        if time.monotonic() - self._last_confirm > 2 * self._timeout and not self._recycle.is_set():
+    def _maybe_recycle(self, reason: str, after: float) -> None:
+        """Drop a connection that stays open but has confirmed nothing for *after* seconds, and
+        reconnect (to the next endpoint) rather than wait for heartbeats to notice.
+
+        ``timeout``: no confirm for two publish timeouts (frozen or half-dead node, stuck channel).
+        ``nacked``: nothing but nacks for a second. Seen on RabbitMQ 3.10 when a channel first
+        publishes to a quorum queue while the leader it knows of is down: it asks that node to
+        register the publisher, gets nodedown, nacks, and asks the same node again on every publish
+        until the node is back. A new channel starts from the new leader, elected in under a second.
+        """
+        silent = time.monotonic() - self._last_confirm
+        if silent > after and not self._recycle.is_set():
             log.warning(
-                "relay.broker_unresponsive", seconds_without_confirm=round(time.monotonic() - self._last_confirm, 1)
+                "relay.broker_unresponsive",
+                reason=reason,
+                seconds_without_confirm=round(silent, 1),
+                endpoint=self._in_use.display if self._in_use is not None else None,
             )
             self._recycle.set()
 

@@ -80,6 +80,7 @@ class RecordingPublisher:
         self.started = False
         self.closed = False
         self.endpoint: str | None = "recording:5672"
+        self.connections = 1
 
     @property
     def ready(self) -> bool:

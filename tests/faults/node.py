@@ -121,8 +121,12 @@ class PrivateRabbit:
             return False
 
     def ctl(self, *args: str, timeout: float = 30.0) -> str:
+        return self.tool("rabbitmqctl", *args, timeout=timeout)
+
+    def tool(self, name: str, *args: str, timeout: float = 30.0) -> str:
+        """Run a CLI tool (rabbitmqctl, rabbitmq-queues, rabbitmq-upgrade, ...) against this node."""
         result = subprocess.run(
-            [str(self.sbin / "rabbitmqctl"), "-n", self.node, "-q", *args],
+            [str(self.sbin / name), "-n", self.node, "-q", *args],
             env=self.env(),
             capture_output=True,
             timeout=timeout,
