@@ -5,6 +5,8 @@
 * deduplication on ``eventID``, because delivery is at least once.
 
 Run it next to ``make run``:  ``.venv/bin/python examples/consumer.py``  (AMQP_URL, RELAY_EXCHANGE).
+AMQP_URL takes the forms of ``RELAY_AMQP_URL``: several comma-separated URLs (the nodes of a cluster),
+``amqps://`` with ``cafile``/``certfile``/``keyfile``, ``auth=external`` for a certificate login.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from relay import broker
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -137,7 +141,9 @@ async def consume(
     """Consume until cancelled (or until *stop_after* deliveries are settled); return the counts."""
     seen = SeenEventIDs() if seen is None else seen
     stats = Stats() if stats is None else stats
-    connection = await aio_pika.connect_robust(url, client_properties={"connection_name": connection_name})
+    # Robust: reconnects by itself, to the next node of the list when its node is gone, and declares
+    # the queue and consumer again there. With a single URL, aio_pika.connect_robust(url) does the same.
+    connection = await broker.connect(url, robust=True, name=connection_name)
     async with connection:
         channel = await connection.channel()
         # Prefetch bounds the unacked messages in flight. Quorum queues deliver best with a window

@@ -20,10 +20,11 @@ import struct
 import time
 from collections.abc import Mapping
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 from pamqp import commands, frame, header, heartbeat
 from pamqp.base import Frame
+
+from relay.endpoints import Endpoint
 
 CHANNEL = 1
 _FRAME_HEAD = struct.Struct(">BHI")
@@ -149,7 +150,9 @@ class Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(AmqpError(f"connection lost: {exc!r}" if exc else "connection closed", in_doubt=True))
+        error = AmqpError(f"connection lost: {exc!r}" if exc else "connection closed", in_doubt=True)
+        error.__cause__ = exc  # e.g. the TLS alert that says why the broker hung up
+        self._fail(error)
 
     def data_received(self, data: bytes) -> None:
         self._last_received = time.monotonic()
@@ -387,14 +390,21 @@ class Connection(asyncio.Protocol):
         self._waiter = (reply, future)
         return future
 
-    async def handshake(
-        self, user: str, password: str, vhost: str, heartbeat_s: int, name: str, timeout: float
-    ) -> None:
+    async def handshake(self, endpoint: Endpoint, heartbeat_s: int, name: str, timeout: float) -> None:
         assert self._transport is not None
-        start = self._expect(commands.Connection.Start)
+        start_waiter = self._expect(commands.Connection.Start)
         self._transport.write(header.ProtocolHeader().marshal())
         async with asyncio.timeout(timeout):
-            await start
+            start = await start_waiter
+        assert isinstance(start, commands.Connection.Start)
+        mechanism = endpoint.auth.upper()
+        offered = str(start.mechanisms).split()
+        if mechanism not in offered:
+            hint = " (enable the rabbitmq_auth_mechanism_ssl plugin)" if mechanism == "EXTERNAL" else ""
+            raise AmqpError(f"the broker does not offer {mechanism} login, only {' '.join(offered)}{hint}")
+        # EXTERNAL: the identity is the client certificate presented in the TLS handshake; the
+        # response is empty (RabbitMQ maps the certificate's CN or DN to a user).
+        response = "" if mechanism == "EXTERNAL" else f"\0{endpoint.user}\0{endpoint.password}"
         tune_waiter = self._expect(commands.Connection.Tune)
         self._send(
             commands.Connection.StartOk(
@@ -408,8 +418,8 @@ class Connection(asyncio.Protocol):
                         "authentication_failure_close": True,
                     },
                 },
-                mechanism="PLAIN",
-                response=f"\0{user}\0{password}",
+                mechanism=mechanism,
+                response=response,
             ),
             0,
         )
@@ -422,30 +432,35 @@ class Connection(asyncio.Protocol):
         )
         self._send(commands.Connection.TuneOk(channel_max=1, frame_max=self.frame_max, heartbeat=self.heartbeat), 0)
         await self.call(
-            commands.Connection.Open(virtual_host=vhost), commands.Connection.OpenOk, channel=0, timeout=timeout
+            commands.Connection.Open(virtual_host=endpoint.vhost),
+            commands.Connection.OpenOk,
+            channel=0,
+            timeout=timeout,
         )
         await self.call(commands.Channel.Open(), commands.Channel.OpenOk, timeout=timeout)
         await self.call(commands.Confirm.Select(), commands.Confirm.SelectOk, timeout=timeout)
         self._ticker = self._loop.call_later(0.1, self._tick)
 
 
-async def connect(url: str, *, heartbeat_s: int = 5, name: str = "revoke-relay", timeout: float = 10.0) -> Connection:
-    """Open a connection, authenticate (PLAIN), open channel 1 in confirm mode."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError("the AMQP URL must start with amqp:// or amqps://")
+async def connect(
+    endpoint: Endpoint, *, heartbeat_s: int = 5, name: str = "revoke-relay", timeout: float = 10.0
+) -> Connection:
+    """Open a connection (TLS with the endpoint's options for amqps://), log in (PLAIN or EXTERNAL),
+    open channel 1 in confirm mode."""
     loop = asyncio.get_running_loop()
-    ssl = parts.scheme == "amqps"
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (5671 if ssl else 5672)
-    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    context = await endpoint.ssl_context()
     async with asyncio.timeout(timeout):
-        transport, connection = await loop.create_connection(lambda: Connection(loop), host, port, ssl=ssl or None)
+        # server_hostname: the name the broker's certificate must carry (checked unless no_verify_ssl=1).
+        transport, connection = await loop.create_connection(
+            lambda: Connection(loop),
+            endpoint.host,
+            endpoint.port,
+            ssl=context,
+            server_hostname=endpoint.host if context is not None else None,
+        )
     del transport
     try:
-        await connection.handshake(
-            unquote(parts.username or "guest"), unquote(parts.password or "guest"), vhost, heartbeat_s, name, timeout
-        )
+        await connection.handshake(endpoint, heartbeat_s, name, timeout)
     except BaseException:
         connection.abort()
         raise

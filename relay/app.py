@@ -305,6 +305,7 @@ def readiness(app: web.Application) -> tuple[bool, dict[str, object]]:
     return ready, {
         "status": "ready" if ready else "not_ready",
         "broker": app[PUBLISHER].ready,
+        "endpoint": app[PUBLISHER].endpoint,
         "spool": {
             "available": spool.available,
             "has_room": spool.has_room,

@@ -97,6 +97,7 @@ class Drainer:
                     return  # no broker to flush to: what is spooled stays for the next start
                 await self._wait(None, 0.2)
                 continue
+            connections = self.publisher.connections
             try:
                 drained, failed = await self.drain_once()
             except Exception as exc:  # noqa: BLE001 - a spool read/delete error must not kill the drainer
@@ -107,9 +108,21 @@ class Drainer:
                 backoff = min(self.backoff_max, max(0.1, backoff * 2))
                 if self._stopping.is_set() and not drained:
                     return
-                await self._wait(None, backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+                await self._backoff(backoff * random.uniform(0.5, 1.0), connections)  # noqa: S311 - jitter
+                if self.publisher.connections != connections:
+                    backoff = 0.0
             else:
                 backoff = 0.0
+
+    async def _backoff(self, seconds: float, connections: int) -> None:
+        """Sleep *seconds*, or less if the publisher opens a new connection meanwhile (e.g. it failed
+        over to another node): the spool is what new callbacks wait behind, so retry through it at once."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while self.publisher.connections == connections and not self._stopping.is_set():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await self._wait(None, min(left, 0.05))
 
     async def _wait(self, event: asyncio.Event | None, seconds: float | None = None) -> None:
         """Sleep until *event* is set, the drainer is asked to stop, or *seconds* pass."""

@@ -353,6 +353,12 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.broker_failovers = Counter(
+            "relay_broker_failovers_total",
+            "Connections opened to another RabbitMQ endpoint than the one used before (RELAY_AMQP_URL lists"
+            " several nodes).",
+            registry=registry,
+        )
         self._prime()
 
     def _prime(self) -> None:

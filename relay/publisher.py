@@ -7,6 +7,9 @@ Why the care: the IM backend never retries, so "published" must mean *the broker
   peer only after two intervals.
 * One connection of our own, supervised here: we know exactly when the channel is usable for
   readiness, and a publish never waits for a reconnect.
+* Several endpoints (the nodes of a cluster): when the node in use dies, is cut off or stops
+  confirming, the next connection goes to the next node at once. Waiting for the lost node would
+  send every callback of the outage to the spool; a quorum queue lives on the others.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from typing import Any, Protocol
 
 import structlog
 from pamqp import commands
-from yarl import URL
 
 from relay import amqp
+from relay.endpoints import Endpoint, describe, parse_endpoints
 from relay.errors import PublishFailed
 from relay.events import APP_ID, CLOUDEVENTS_HEADERS, EVENT_TYPE, Envelope
 from relay.metrics import Metrics
@@ -33,9 +36,11 @@ BINDING_KEY = f"{EVENT_TYPE}.#"
 # Audit queues (RELAY_AUDIT_QUEUES) take every event kind: revocations and the recall gateway's
 # message.recall_requested / message.recall_failed (docs/recall-gateway.md).
 AUDIT_BINDING_KEY = "message.#"
-# Hung-broker detection takes two heartbeats; 5 s keeps it near the publish timeout.
-DEFAULT_HEARTBEAT = 5
-_CONNECT_TIMEOUT = 10.0
+# Handshake and topology declaration on a healthy node take milliseconds; a node that accepts the
+# socket but does not answer (frozen, partitioned) must not hold up the move to the next one for long.
+_CONNECT_TIMEOUT = 5.0
+# A connection that answers every publish with basic.nack for this long is replaced (see _maybe_recycle).
+_NACK_RECYCLE_AFTER = 1.0
 _TEMPLATES: dict[str, amqp.PropertiesTemplate] = {}
 
 
@@ -67,19 +72,13 @@ class Publisher(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def endpoint(self) -> str | None:
+        """``host:port`` of the broker node in use, or None while disconnected."""
 
-def with_default_heartbeat(url: str) -> str:
-    """Add ``heartbeat=5`` to the AMQP URL unless the operator chose one (for aio-pika clients)."""
-    parsed = URL(url)
-    if "heartbeat" in parsed.query:
-        return url
-    return str(parsed.update_query(heartbeat=DEFAULT_HEARTBEAT))
-
-
-def heartbeat_of(url: str) -> int:
-    """The ``heartbeat`` query parameter of the AMQP URL (seconds), or 5."""
-    value = URL(url).query.get("heartbeat")
-    return int(value) if value is not None and value.isdigit() else DEFAULT_HEARTBEAT
+    @property
+    def connections(self) -> int:
+        """Connections opened so far: a change means a fresh channel, worth retrying at once."""
 
 
 class AmqpPublisher:
@@ -87,7 +86,7 @@ class AmqpPublisher:
 
     def __init__(
         self,
-        url: str,
+        endpoints: str | tuple[Endpoint, ...],
         exchange: str,
         queues: tuple[str, ...],
         publish_timeout: float,
@@ -97,8 +96,15 @@ class AmqpPublisher:
         reconnect_max: float = 5.0,
         audit_queues: tuple[str, ...] = (),
     ) -> None:
-        self._url = url
-        self._heartbeat = heartbeat_of(url)
+        self._endpoints = parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints
+        self._heartbeat = self._endpoints[0].heartbeat
+        self._next = 0  # index of the endpoint the next connection attempt goes to
+        self._in_use: Endpoint | None = None
+        self._last_used: Endpoint | None = None  # the endpoint of the last connection, kept after it is lost
+        self._lost_at: float | None = None  # monotonic time the last connection was lost
+        self._first_confirm_pending = False
+        self._stalled = False  # a publish timed out on this connection and nothing was confirmed since
+        self.connections = 0
         self._exchange = exchange
         self._bindings = tuple((q, BINDING_KEY) for q in queues) + tuple((q, AUDIT_BINDING_KEY) for q in audit_queues)
         self._timeout = publish_timeout
@@ -118,7 +124,7 @@ class AmqpPublisher:
         cls, settings: Settings, metrics: Metrics, *, connection_name: str = "revoke-relay"
     ) -> AmqpPublisher:
         return cls(
-            settings.amqp_url,
+            settings.amqp_endpoints,
             settings.exchange,
             settings.queues,
             settings.publish_timeout,
@@ -147,33 +153,83 @@ class AmqpPublisher:
         return connection is not None and not connection.closed.done() and not connection.blocked
 
     @property
+    def endpoint(self) -> str | None:
+        return self._in_use.display if self._in_use is not None and self.ready else None
+
+    @property
     def blocked(self) -> bool:
         """True while RabbitMQ has sent ``connection.blocked`` (memory or disk alarm)."""
         return self._connection is not None and self._connection.blocked
 
     async def _supervise(self) -> None:
-        attempt = 0
+        attempt = 0  # rounds in a row in which no endpoint could be connected
+        failed_in_round = 0
+        count = len(self._endpoints)
         while not self._closing:
+            endpoint = self._endpoints[self._next]
             try:
-                await self._connect()
+                await self._connect(endpoint)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure to connect means: retry later
+            except Exception as exc:  # noqa: BLE001 - any failure to connect means: try the next endpoint
                 await self._drop("connect_failed")
-                attempt += 1
-                delay = min(self._reconnect_max, 0.2 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)  # noqa: S311
-                log.warning("relay.broker_connect_failed", error=repr(exc)[:300], retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+                self._next = (self._next + 1) % count
+                failed_in_round += 1
+                # Straight on to the next endpoint; back off only once every endpoint failed in a row.
+                delay = 0.0
+                if failed_in_round >= count:
+                    failed_in_round = 0
+                    attempt += 1
+                    delay = min(self._reconnect_max, 0.2 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning(
+                    "relay.broker_connect_failed",
+                    endpoint=endpoint.display,
+                    error=describe(exc, endpoint),
+                    retry_in=round(delay, 2),
+                    next_endpoint=self._endpoints[self._next].display,
+                )
+                if delay:
+                    await asyncio.sleep(delay)
                 continue
-            attempt = 0
+            attempt = failed_in_round = 0
             await self._watch()
+            # Do not wait for the node just lost: the next attempt goes to the next endpoint.
+            self._next = (self._next + 1) % count
 
-    async def _connect(self) -> None:
+    async def _connect(self, endpoint: Endpoint) -> None:
         connection = await amqp.connect(
-            self._url, heartbeat_s=self._heartbeat, name=self._name, timeout=_CONNECT_TIMEOUT
+            endpoint, heartbeat_s=self._heartbeat, name=self._name, timeout=_CONNECT_TIMEOUT
         )
         self._connection = connection
         connection.publish_timeout = self._timeout
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            await self._declare(connection)
+        self._last_confirm = time.monotonic()
+        self._recycle.clear()
+        previous, self._in_use = self._last_used, endpoint
+        self._last_used = endpoint
+        self._first_confirm_pending = True
+        self._stalled = False
+        self._metrics.broker_connected.set(1)
+        self._metrics.broker_connects.inc()
+        self.connections += 1
+        self.connected.set()
+        log.info(
+            "relay.broker_connected",
+            endpoint=endpoint.display,
+            exchange=self._exchange,
+            queues=[q for q, _ in self._bindings],
+        )
+        if previous is not None and previous != endpoint:
+            self._metrics.broker_failovers.inc()
+            log.warning(
+                "relay.broker_failover",
+                endpoint=endpoint.display,
+                previous=previous.display,
+                seconds_since_lost=round(time.monotonic() - self._lost_at, 3) if self._lost_at else None,
+            )
+
+    async def _declare(self, connection: amqp.Connection) -> None:
         await connection.call(
             commands.Exchange.Declare(exchange=self._exchange, exchange_type="topic", durable=True),
             commands.Exchange.DeclareOk,
@@ -185,12 +241,6 @@ class AmqpPublisher:
                 commands.Queue.Bind(queue=name, exchange=self._exchange, routing_key=binding_key),
                 commands.Queue.BindOk,
             )
-        self._last_confirm = time.monotonic()
-        self._recycle.clear()
-        self._metrics.broker_connected.set(1)
-        self._metrics.broker_connects.inc()
-        self.connected.set()
-        log.info("relay.broker_connected", exchange=self._exchange, queues=[q for q, _ in self._bindings])
 
     async def _declare_queue(self, connection: amqp.Connection, name: str) -> None:
         """Declare a quorum queue (replicated, always durable: the recommended type for data safety).
@@ -226,19 +276,28 @@ class AmqpPublisher:
                 self._metrics.broker_blocked.set(int(was_blocked))
                 log.warning("relay.broker_blocked" if was_blocked else "relay.broker_unblocked")
         recycle.cancel()
-        await self._drop("connection_lost")
+        await self._drop("unresponsive" if self._recycle.is_set() else "connection_lost")
 
     async def _drop(self, why: str) -> None:
         connection = self._connection
         was_up = self.connected.is_set()
         self._connection = None
+        if was_up:
+            self._lost_at = time.monotonic()
+        endpoint, self._in_use = self._in_use, None
         self.connected.clear()
         self._metrics.broker_connected.set(0)
         self._metrics.broker_blocked.set(0)
         if was_up and why == "closing":
             log.info("relay.broker_closed")
         elif was_up:
-            log.warning("relay.broker_disconnected", why=why)
+            reason = connection.closed.result() if connection is not None and connection.closed.done() else None
+            log.warning(
+                "relay.broker_disconnected",
+                why=why,
+                endpoint=endpoint.display if endpoint is not None else None,
+                error=describe(reason) if reason is not None else None,
+            )
         if connection is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await connection.close(timeout=2.0)
@@ -257,28 +316,62 @@ class AmqpPublisher:
         try:
             await connection.publish(self._exchange, envelope.routing_key, envelope.body, properties, envelope.event_id)
         except amqp.ConfirmTimeout:
-            self._maybe_recycle()
+            self._stalled = True
+            self._maybe_recycle("timeout", 2 * self._timeout)
             raise self._failed("timeout", f"no confirm within {self._timeout}s", in_doubt=True) from None
         except amqp.Returned as exc:  # basic.return: no queue is bound for the key
             raise self._failed("returned", str(exc)) from exc
         except amqp.Nacked as exc:
+            self._maybe_recycle("nacked", _NACK_RECYCLE_AFTER)
             raise self._failed("nacked", str(exc)) from exc
         except amqp.AmqpError as exc:
             raise self._failed("disconnected", str(exc)[:200], in_doubt=exc.in_doubt) from exc
         except asyncio.CancelledError:
             # Our own cancellation (shutdown) must propagate; nothing else cancels this future.
             raise
-        self._last_confirm = time.monotonic()
+        now = time.monotonic()
+        if self._first_confirm_pending or self._stalled:
+            self._confirming_again(connection, now - self._last_confirm)
+        self._last_confirm = now
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
         self._metrics.child(self._metrics.publishes, "confirmed").inc()
 
-    def _maybe_recycle(self) -> None:
-        """A connection that stays open but has confirmed nothing for two publish timeouts is not
-        trusted any more (frozen or half-dead broker, stuck channel): drop it and reconnect, rather
-        than wait for heartbeats to notice."""
-        if time.monotonic() - self._last_confirm > 2 * self._timeout and not self._recycle.is_set():
+    def _confirming_again(self, connection: amqp.Connection, without_confirm: float) -> None:
+        """Log the first confirm of a connection (with a lost node behind it: the end of the failover),
+        and the first after confirms stalled on a live one (e.g. a quorum queue electing a new leader)."""
+        if connection is not self._connection or self._in_use is None:
+            return
+        if self._first_confirm_pending:
+            log.info(
+                "relay.broker_confirming",
+                endpoint=self._in_use.display,
+                seconds_since_lost=round(time.monotonic() - self._lost_at, 3) if self._lost_at else None,
+            )
+        else:
+            log.info(
+                "relay.broker_confirms_resumed",
+                endpoint=self._in_use.display,
+                seconds_without_confirm=round(without_confirm, 3),
+            )
+        self._first_confirm_pending = self._stalled = False
+
+    def _maybe_recycle(self, reason: str, after: float) -> None:
+        """Drop a connection that stays open but has confirmed nothing for *after* seconds, and
+        reconnect (to the next endpoint) rather than wait for heartbeats to notice.
+
+        ``timeout``: no confirm for two publish timeouts (frozen or half-dead node, stuck channel).
+        ``nacked``: nothing but nacks for a second. Seen on RabbitMQ 3.10 when a channel first
+        publishes to a quorum queue while the leader it knows of is down: it asks that node to
+        register the publisher, gets nodedown, nacks, and asks the same node again on every publish
+        until the node is back. A new channel starts from the new leader, elected in under a second.
+        """
+        silent = time.monotonic() - self._last_confirm
+        if silent > after and not self._recycle.is_set():
             log.warning(
-                "relay.broker_unresponsive", seconds_without_confirm=round(time.monotonic() - self._last_confirm, 1)
+                "relay.broker_unresponsive",
+                reason=reason,
+                seconds_without_confirm=round(silent, 1),
+                endpoint=self._in_use.display if self._in_use is not None else None,
             )
             self._recycle.set()
 

@@ -15,6 +15,7 @@ from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 from relay.access import Network, parse_networks
+from relay.endpoints import Endpoint, EndpointError, parse_endpoints, redact
 from relay.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,9 +108,14 @@ class Settings:
             if value
         )
         return (
-            f"Settings(amqp_url={redact_url(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
+            f"Settings(amqp_url={redact(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
             f"redis_url={redis!r}, api_tokens={api_tokens!r}, tencent_secret_keys={keys!r}{matrix})"
         )
+
+    @property
+    def amqp_endpoints(self) -> tuple[Endpoint, ...]:
+        """The broker nodes of ``RELAY_AMQP_URL``, in the order they are tried."""
+        return parse_endpoints(self.amqp_url)
 
     @property
     def accepted_apps(self) -> frozenset[str]:
@@ -150,8 +156,10 @@ class Settings:
 
         url = get("RELAY_AMQP_URL")
         if url is not None:
-            if urlsplit(url).scheme not in ("amqp", "amqps"):
-                problems.append(f"RELAY_AMQP_URL: must start with amqp:// or amqps://, got {redact_url(url)!r}")
+            try:
+                parse_endpoints(url)
+            except EndpointError as exc:
+                problems.append(f"RELAY_AMQP_URL: {exc}")
             else:
                 values["amqp_url"] = url
 

@@ -16,9 +16,10 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
+from relay import broker
+from relay.endpoints import redact
 from relay.events import EVENT_TYPE
-from relay.publisher import with_default_heartbeat
-from relay.settings import Settings, redact_url
+from relay.settings import Settings
 
 DEFAULT_KEY = f"{EVENT_TYPE}.#"
 CONNECTION_NAME = "revoke-relay tail"
@@ -68,13 +69,9 @@ async def _run(
     ready: asyncio.Event | None,
 ) -> int:
     try:
-        connection = await aio_pika.connect(
-            with_default_heartbeat(settings.amqp_url),
-            timeout=10,
-            client_properties={"connection_name": CONNECTION_NAME},
-        )
+        connection = await broker.connect(settings.amqp_endpoints, name=CONNECTION_NAME, timeout=10)
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-        print(f"relay tail: cannot connect to {redact_url(settings.amqp_url)}: {exc!r}", file=err)
+        print(f"relay tail: cannot connect to {redact(settings.amqp_url)}: {exc}", file=err)
         return 1
     try:
         channel = await connection.channel()
@@ -92,7 +89,11 @@ async def _run(
         await channel.set_qos(prefetch_count=100)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)  # server-named
         await queue.bind(exchange, key)
-        print(f"relay tail: queue {queue.name!r} bound to {settings.exchange!r} with {key!r} (Ctrl-C stops)", file=err)
+        print(
+            f"relay tail: queue {queue.name!r} bound to {settings.exchange!r} with {key!r} on {connection.endpoint}"
+            " (Ctrl-C stops)",
+            file=err,
+        )
         if ready is not None:
             ready.set()
         seen = 0

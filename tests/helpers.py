@@ -83,6 +83,8 @@ class RecordingPublisher:
         self.delay = 0.0
         self.started = False
         self.closed = False
+        self.endpoint: str | None = "recording:5672"
+        self.connections = 1
 
     @property
     def ready(self) -> bool:

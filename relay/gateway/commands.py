@@ -23,6 +23,7 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from relay import broker
 from relay.gateway.request import InvalidRequest, parse_request
 from relay.gateway.service import Answer, RecallService, error
 from relay.metrics import Metrics
@@ -57,9 +58,9 @@ class CommandConsumer:
         delay = 0.5
         while True:
             try:
-                self.connection = await aio_pika.connect_robust(
-                    self.url, client_properties={"connection_name": "revoke-relay commands"}
-                )
+                # Same endpoint list and TLS options as the publisher: the first node that
+                # answers, and the next one when it goes away.
+                self.connection = await broker.connect(self.url, robust=True, name="revoke-relay commands")
                 break
             except (OSError, aio_pika.exceptions.AMQPError) as exc:
                 log.warning("relay.command_queue_connect_failed", error=repr(exc)[:300], retry_in=delay)

@@ -288,8 +288,10 @@ async def test_readiness_follows_broker_or_spool(
     client: TestClient,  # type: ignore[type-arg]
     publisher: RecordingPublisher,
 ) -> None:
-    """/readyz is 200 while events can be made safe (broker or spool with room); /healthz is always 200."""
-    assert 200 == (await client.get("/readyz")).status
+    """/readyz is 200 while events can be made safe (broker or spool with room) and names the broker node
+    in use; /healthz is always 200."""
+    first = await client.get("/readyz")
+    assert (200, "recording:5672") == (first.status, (await first.json())["endpoint"])
     publisher.ready_flag = False
     response = await client.get("/readyz")
     body = await response.json()

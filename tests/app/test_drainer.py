@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
@@ -55,6 +56,25 @@ async def test_drainer_forwards_oldest_first_and_deletes(
     await drainer.stop(1)
     assert [e.event_id for e in items] == [e.event_id for e in publisher.published]
     assert 300 == metrics.registry.get_sample_value("relay_events_drained_total")
+
+
+async def test_a_new_broker_connection_ends_the_drainer_backoff(
+    spool: Spool, publisher: RecordingPublisher, metrics: Metrics
+) -> None:
+    """After failed rounds the drainer backs off, but a new publisher connection (a failover to another
+    node) makes it retry at once: new callbacks wait behind the spool, so its delay is theirs."""
+    await spool.put(envelopes(3))
+    publisher.fail_with = "nacked"
+    drainer = Drainer(spool, publisher, metrics, backoff_max=60)
+    with capture_logs() as logs:
+        await drainer.start()
+        # Six failed rounds: the wait that follows the sixth is 1.6-3.2 s long.
+        await wait_for(lambda: sum(e["event"] == "relay.drain_failed" for e in logs) >= 6)
+    publisher.fail_with = None
+    publisher.connections += 1
+    await wait_for(lambda: spool.events == 0, seconds=1)
+    await drainer.stop(1)
+    assert 3 == len(publisher.published)
 
 
 async def test_unconfirmed_events_stay_until_the_broker_confirms(

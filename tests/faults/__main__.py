@@ -1,6 +1,7 @@
 """Run the fault scenarios and print the table: ``python -m tests.faults [--profile full] [scenario ...]``.
 
 Starts a private RabbitMQ node (never the shared one), runs each scenario, writes JSON results.
+``--cluster`` runs the cluster scenarios instead, on three private nodes joined into one cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tests.faults.harness import TABLE_HEADER
+from tests.faults.cluster import Cluster
+from tests.faults.cluster_scenarios import CLUSTER_PROFILES, CLUSTER_SCENARIOS, ClusterContext
+from tests.faults.harness import TABLE_HEADER, Result
 from tests.faults.node import PrivateRabbit
 from tests.faults.scenarios import PROFILES, SCENARIOS, Context
 
@@ -39,7 +42,35 @@ async def run(profile: str, names: list[str], out: Path | None) -> int:
             print(result.row(), flush=True)
     finally:
         await asyncio.to_thread(node.stop)
-    print(f"\nprofile {profile}: {PROFILES[profile]}\n")
+    return report(f"profile {profile}", asdict(PROFILES[profile]), results, out)
+
+
+async def run_cluster(profile: str, names: list[str], out: Path | None) -> int:
+    root = Path(tempfile.mkdtemp(prefix="relay-cluster-faults-"))
+    cluster = Cluster(root)
+    print(f"private cluster {[n.node for n in cluster.nodes]}, work dir {root}", flush=True)
+    started = time.monotonic()
+    await asyncio.to_thread(cluster.start)
+    print(f"cluster running after {time.monotonic() - started:.1f} s", flush=True)
+    ctx = ClusterContext(cluster, root, CLUSTER_PROFILES[profile])
+    results = []
+    try:
+        for name in names:
+            started = time.monotonic()
+            try:
+                result = await CLUSTER_SCENARIOS[name](ctx)
+            finally:
+                await ctx.cleanup()
+            result.notes["duration_s"] = round(time.monotonic() - started, 1)
+            results.append(result)
+            print(result.row(), flush=True)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    return report(f"cluster profile {profile}", asdict(CLUSTER_PROFILES[profile]), results, out)
+
+
+def report(title: str, settings: dict[str, object], results: list[Result], out: Path | None) -> int:
+    print(f"\n{title}: {settings}\n")
     print(TABLE_HEADER)
     for result in results:
         print(result.row())
@@ -48,8 +79,8 @@ async def run(profile: str, names: list[str], out: Path | None) -> int:
         out.write_text(
             json.dumps(
                 {
-                    "profile": profile,
-                    "settings": asdict(PROFILES[profile]),
+                    "profile": title,
+                    "settings": settings,
                     "machine": platform.platform(),
                     "python": sys.version.split()[0],
                     "results": [asdict(r) for r in results],
@@ -59,7 +90,7 @@ async def run(profile: str, names: list[str], out: Path | None) -> int:
         )
         table = "\n".join([TABLE_HEADER, *(r.row() for r in results)])
         out.with_suffix(".md").write_text(
-            f"# Fault scenarios, profile {profile}\n\n{PROFILES[profile]} on {platform.platform()}\n\n{table}\n"
+            f"# Fault scenarios, {title}\n\n{settings} on {platform.platform()}\n\n{table}\n"
         )
         print(f"\nwritten to {out} and {out.with_suffix('.md')}")
     return 0 if all(r.passed for r in results) else 1
@@ -67,10 +98,19 @@ async def run(profile: str, names: list[str], out: Path | None) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.faults")
-    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=[])
+    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS, *CLUSTER_SCENARIOS], default=[])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--cluster", action="store_true", help="the cluster scenarios, on three private nodes")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.cluster:
+        unknown = set(args.scenarios) - set(CLUSTER_SCENARIOS)
+        if unknown:
+            parser.error(f"not cluster scenarios: {sorted(unknown)}")
+        return asyncio.run(run_cluster(args.profile, args.scenarios or list(CLUSTER_SCENARIOS), args.out))
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"cluster scenarios need --cluster: {sorted(unknown)}")
     return asyncio.run(run(args.profile, args.scenarios or list(SCENARIOS), args.out))
 
 

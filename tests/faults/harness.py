@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import aio_pika
 import aiohttp
 import orjson
 
+from relay import broker
 from relay.tencent.callback import CallbackQuery
 from relay.tencent.normalize import normalize
 from relay.tencent.samples import callback_query, sample_body
@@ -173,7 +173,9 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
 
-    async def run(self, relay: RelayProcess, duration: float) -> None:
+    async def run(self, relay: RelayProcess | list[RelayProcess], duration: float) -> None:
+        """Send for *duration* seconds (or until :meth:`stop`); several relays share the load in turn."""
+        relays = relay if isinstance(relay, list) else [relay]
         self._stop.clear()
         connector = aiohttp.TCPConnector(limit=512)
         timeout = aiohttp.ClientTimeout(total=30)
@@ -190,7 +192,7 @@ class Load:
                             await self._stop.wait()
                     if self._stop.is_set():
                         break
-                tasks.append(asyncio.create_task(self._send(session, relay)))
+                tasks.append(asyncio.create_task(self._send(session, relays[n % len(relays)])))
                 n += 1
             await asyncio.gather(*tasks)
 
@@ -213,7 +215,7 @@ class Load:
 async def collect(amqp_url: str, queue: str, settle: float = 2.0, timeout: float = 60.0) -> Counter[str]:
     """Consume everything in *queue*: message_id → number of copies. Stops after *settle* s of quiet."""
     delivered: Counter[str] = Counter()
-    connection = await aio_pika.connect(amqp_url, client_properties={"connection_name": "fault-collector"})
+    connection = await broker.connect(amqp_url, name="fault-collector")
     try:
         channel = await connection.channel()
         q = await channel.get_queue(queue)

@@ -41,7 +41,18 @@ def available() -> bool:
 
 
 class PrivateRabbit:
-    def __init__(self, root: Path, name: str | None = None) -> None:
+    """One private node. *conf* adds rabbitmq.conf lines, *plugins* enables plugins, *cookie* sets the
+    Erlang cookie (the nodes of one cluster share it)."""
+
+    def __init__(
+        self,
+        root: Path,
+        name: str | None = None,
+        *,
+        conf: str = "",
+        plugins: tuple[str, ...] = (),
+        cookie: str | None = None,
+    ) -> None:
         self.root = root
         self.name = name or f"relayfault{os.getpid()}"
         self.node = f"{self.name}@localhost"
@@ -52,9 +63,14 @@ class PrivateRabbit:
         self.sbin = _sbin()
         for sub in ("home", "mnesia", "log"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        (root / "enabled_plugins").write_text("[].\n")
+        (root / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         # Heartbeat 5 s: the relay asks for 5 s too; a frozen node is then noticed in ~20 s by aiormq.
-        (root / "rabbitmq.conf").write_text("loopback_users = none\nheartbeat = 5\n")
+        (root / "rabbitmq.conf").write_text("loopback_users = none\nheartbeat = 5\n" + conf)
+        if cookie is not None:
+            # rabbitmq-server and rabbitmqctl both read $HOME/.erlang.cookie; it must not be readable by others.
+            path = root / "home" / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)
 
     @property
     def url(self) -> str:
@@ -105,8 +121,12 @@ class PrivateRabbit:
             return False
 
     def ctl(self, *args: str, timeout: float = 30.0) -> str:
+        return self.tool("rabbitmqctl", *args, timeout=timeout)
+
+    def tool(self, name: str, *args: str, timeout: float = 30.0) -> str:
+        """Run a CLI tool (rabbitmqctl, rabbitmq-queues, rabbitmq-upgrade, ...) against this node."""
         result = subprocess.run(
-            [str(self.sbin / "rabbitmqctl"), "-n", self.node, "-q", *args],
+            [str(self.sbin / name), "-n", self.node, "-q", *args],
             env=self.env(),
             capture_output=True,
             timeout=timeout,

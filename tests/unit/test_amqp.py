@@ -11,6 +11,7 @@ import pytest
 from pamqp import body, commands, frame, header
 
 from relay import amqp
+from relay.endpoints import parse_endpoint
 
 HEADERS = {"cloudEvents_id": "e-1", "cloudEvents_subject": "主题/1"}
 
@@ -237,20 +238,24 @@ class InstantBroker(FakeTransport):
         commands.Confirm.Select: (commands.Confirm.SelectOk(), amqp.CHANNEL),
     }
 
-    def __init__(self, connection: amqp.Connection) -> None:
+    def __init__(self, connection: amqp.Connection, mechanisms: str = "PLAIN AMQPLAIN") -> None:
         super().__init__()
         self.connection = connection
+        self.mechanisms = mechanisms
         self.seen: list[str] = []
+        self.start_ok: commands.Connection.StartOk | None = None
 
     def write(self, data: Any) -> None:
         super().write(data)
         data = bytes(data)
         if data.startswith(b"AMQP"):
             self.seen.append("ProtocolHeader")
-            self._reply(commands.Connection.Start(), 0)
+            self._reply(commands.Connection.Start(mechanisms=self.mechanisms), 0)
             return
         for value in frames(data):
             self.seen.append(value.name)
+            if isinstance(value, commands.Connection.StartOk):
+                self.start_ok = value
             if type(value) in self.REPLIES:
                 self._reply(*self.REPLIES[type(value)])
 
@@ -265,7 +270,7 @@ async def test_handshake_finds_replies_that_arrive_before_it_awaits_them() -> No
     connection = amqp.Connection(asyncio.get_running_loop())
     broker = InstantBroker(connection)
     connection.connection_made(broker)
-    await connection.handshake("guest", "guest", "/", 5, "test", timeout=2)
+    await connection.handshake(parse_endpoint("amqp://guest:guest@127.0.0.1/"), 5, "test", timeout=2)
     assert broker.seen == [
         "ProtocolHeader",
         "Connection.StartOk",
@@ -275,4 +280,39 @@ async def test_handshake_finds_replies_that_arrive_before_it_awaits_them() -> No
         "Confirm.Select",
     ]
     assert connection.heartbeat == 5
+    connection.abort()
+
+
+async def test_handshake_logs_in_with_plain_credentials_from_the_url() -> None:
+    """PLAIN login sends the URL's user and password (percent-decoded) in the Start-Ok response."""
+    connection = amqp.Connection(asyncio.get_running_loop())
+    broker = InstantBroker(connection)
+    connection.connection_made(broker)
+    await connection.handshake(parse_endpoint("amqp://relay:p%40ss%2Cw@127.0.0.1/"), 5, "test", timeout=2)
+    assert broker.start_ok is not None
+    assert ("PLAIN", "\0relay\0p@ss,w") == (broker.start_ok.mechanism, broker.start_ok.response)
+    connection.abort()
+
+
+async def test_handshake_logs_in_with_the_certificate_under_auth_external() -> None:
+    """auth=external sends mechanism EXTERNAL with an empty response: the client certificate is the identity."""
+    connection = amqp.Connection(asyncio.get_running_loop())
+    broker = InstantBroker(connection, mechanisms="PLAIN AMQPLAIN EXTERNAL")
+    connection.connection_made(broker)
+    endpoint = parse_endpoint("amqps://broker/?auth=external&certfile=/c.pem&keyfile=/k.pem&cafile=/ca.pem")
+    await connection.handshake(endpoint, 5, "test", timeout=2)
+    assert broker.start_ok is not None
+    assert ("EXTERNAL", "") == (broker.start_ok.mechanism, broker.start_ok.response)
+    connection.abort()
+
+
+async def test_handshake_names_the_missing_plugin_when_external_is_not_offered() -> None:
+    """A broker without rabbitmq_auth_mechanism_ssl does not offer EXTERNAL: the error says so, nothing is sent."""
+    connection = amqp.Connection(asyncio.get_running_loop())
+    broker = InstantBroker(connection)
+    connection.connection_made(broker)
+    endpoint = parse_endpoint("amqps://broker/?auth=external&certfile=/c.pem")
+    with pytest.raises(amqp.AmqpError, match=r"does not offer EXTERNAL login, only PLAIN AMQPLAIN .*mechanism_ssl"):
+        await connection.handshake(endpoint, 5, "test", timeout=2)
+    assert broker.start_ok is None
     connection.abort()

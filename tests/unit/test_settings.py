@@ -95,6 +95,27 @@ def test_repr_hides_password_and_tokens() -> None:
     assert "amqp://relay:***@broker:5672/vh" in text
 
 
+def test_several_amqp_urls_become_endpoints_and_the_repr_hides_every_password() -> None:
+    """RELAY_AMQP_URL lists the nodes of a cluster; each password is masked in the printed settings."""
+    s = Settings.from_env(
+        {
+            "RELAY_SDKAPPIDS": "1",
+            "RELAY_AMQP_URL": "amqps://relay:s3cr3t@rabbit-0:5671/?cafile=/ca.pem,"
+            "amqps://relay:s3cr3t@rabbit-1:5671/?cafile=/ca.pem",
+        }
+    )
+    assert ["rabbit-0:5671", "rabbit-1:5671"] == [e.display for e in s.amqp_endpoints]
+    assert "s3cr3t" not in repr(s)
+    assert "amqps://relay:***@rabbit-0:5671/?cafile=/ca.pem,amqps://relay:***@rabbit-1:5671/?cafile=/ca.pem" in repr(s)
+
+
+def test_a_bad_amqp_url_is_named_without_its_password() -> None:
+    """A TLS option on an amqp:// URL is refused at start, with the endpoint named and no password."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"RELAY_SDKAPPIDS": "1", "RELAY_AMQP_URL": "amqp://relay:s3cr3t@rabbit-0/?certfile=/c.pem"})
+    assert ["RELAY_AMQP_URL: rabbit-0:5672: TLS options (certfile) need an amqps:// URL"] == info.value.problems
+
+
 def test_bad_token_pair_error_does_not_echo_the_token() -> None:
     """A malformed token pair is reported without printing the secret part."""
     with pytest.raises(ConfigError) as info:
