@@ -14,11 +14,11 @@ import aio_pika
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from relay.callback import C2C_RECALL
-from relay.samples import sample_body
 from structlog.testing import capture_logs
 
 from relay import broker
+from relay.tencent.callback import C2C_RECALL
+from relay.tencent.samples import sample_body
 from tests.broker.test_publish import read_messages, start_relay, target
 from tests.proxy import TcpProxy
 
