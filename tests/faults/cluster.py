@@ -21,12 +21,13 @@ CLUSTER_CONF = "cluster_partition_handling = pause_minority\n"
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3, prefix: str | None = None) -> None:
+    def __init__(self, root: Path, size: int = 3, prefix: str | None = None, net_ticktime: int | None = None) -> None:
         prefix = prefix or f"relayc{secrets.token_hex(3)}"
         cookie = secrets.token_hex(16).upper()
-        self.nodes = [
-            PrivateRabbit(root / f"node{i}", f"{prefix}n{i}", conf=CLUSTER_CONF, cookie=cookie) for i in range(size)
-        ]
+        # net_ticktime (default 60 s): how long a silent peer stays "up" for the others (45-75 s).
+        conf = CLUSTER_CONF + (f"net_ticktime = {net_ticktime}\n" if net_ticktime else "")
+        self.net_ticktime = net_ticktime
+        self.nodes = [PrivateRabbit(root / f"node{i}", f"{prefix}n{i}", conf=conf, cookie=cookie) for i in range(size)]
 
     @property
     def urls(self) -> str:
