@@ -93,6 +93,7 @@ class AmqpPublisher:
         self._first_confirm_pending = False
         self._stalled = False  # a publish timed out on this connection and nothing was confirmed since
         self.connections = 0
+        self._nack_recycle_after = _NACK_RECYCLE_AFTER  # doubles with each such recycle, until a confirm
         self._rebinding: asyncio.Task[None] | None = None
         self._exchange = exchange
         self._queues = queues
@@ -343,7 +344,8 @@ class AmqpPublisher:
         except amqp.Returned as exc:  # basic.return: no queue is bound for the key
             raise self._failed("returned", str(exc)) from exc
         except amqp.Nacked as exc:
-            self._maybe_recycle("nacked", _NACK_RECYCLE_AFTER)
+            if self._first_confirm_pending:
+                self._maybe_recycle("nacked", self._nack_recycle_after)
             raise self._failed("nacked", str(exc)) from exc
         except amqp.AmqpError as exc:
             raise self._failed("disconnected", str(exc)[:200], in_doubt=exc.in_doubt) from exc
@@ -352,6 +354,7 @@ class AmqpPublisher:
             raise
         now = time.monotonic()
         if self._first_confirm_pending or self._stalled:
+            self._nack_recycle_after = _NACK_RECYCLE_AFTER
             self._confirming_again(connection, now - self._last_confirm)
         self._last_confirm = now
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
@@ -381,13 +384,18 @@ class AmqpPublisher:
         reconnect (to the next endpoint) rather than wait for heartbeats to notice.
 
         ``timeout``: no confirm for two publish timeouts (frozen or half-dead node, stuck channel).
-        ``nacked``: nothing but nacks for a second. Seen on RabbitMQ 3.10 when a channel first
-        publishes to a quorum queue while the leader it knows of is down: it asks that node to
-        register the publisher, gets nodedown, nacks, and asks the same node again on every publish
-        until the node is back. A new channel starts from the new leader, elected in under a second.
+        ``nacked``: a new connection has answered nothing but nacks for a second. Seen on RabbitMQ
+        3.10 when a channel first publishes to a quorum queue while the leader it knows of is down:
+        it asks that node to register the publisher, gets nodedown, nacks, and asks the same node
+        again on every publish until the node is back. A new channel starts from the new leader,
+        elected in under a second. Only connections that never confirmed are replaced, and the wait
+        doubles with each replacement until something is confirmed: a queue that refuses publishes
+        for good (x-overflow reject-publish, full) must not cause a reconnection every second.
         """
         silent = time.monotonic() - self._last_confirm
         if silent > after and not self._recycle.is_set():
+            if reason == "nacked":
+                self._nack_recycle_after = min(60.0, 2 * self._nack_recycle_after)
             log.warning(
                 "relay.broker_unresponsive",
                 reason=reason,

@@ -82,6 +82,19 @@ class Cluster:
             time.sleep(0.5)
         raise TimeoutError(f"cluster not fully running after {timeout}s: {self.running()}")
 
+    def repair(self, timeout: float = 180.0) -> list[str]:
+        """Restart the RabbitMQ application on every node that does not see the whole cluster (what an
+        operator does after a partition that partition handling did not heal); return their names."""
+        names = {node.node for node in self.nodes}
+        restarted = []
+        for node in self.up():
+            if self.running(node) != names:
+                node.ctl("stop_app", timeout=120)
+                node.ctl("start_app", timeout=180)
+                restarted.append(node.name)
+        self.await_running(timeout)
+        return restarted
+
     def queue_state(self, queue: str) -> tuple[str | None, list[str], list[str]]:
         """(leader, members, online members) of quorum queue *queue*, as the first answering node says."""
         for node in self.up():
