@@ -143,7 +143,10 @@ class AmqpPublisher:
 
     @property
     def endpoint(self) -> str | None:
-        return self._in_use.display if self._in_use is not None and self.ready else None
+        connection = self._connection
+        if self._in_use is None or connection is None or connection.closed.done():
+            return None
+        return self._in_use.display  # also while blocked by a resource alarm: still the node in use
 
     @property
     def blocked(self) -> bool:
