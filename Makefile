@@ -16,7 +16,7 @@ run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 IMAGE ?= localhost/revoke-relay:dev
 
-.PHONY: run sample test lint typecheck ops pytest faults bench broker synapse image image-test clean
+.PHONY: run sample test lint typecheck ops pytest faults faults-cluster bench broker synapse image image-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,15 @@ bench: $(STAMP)
 # The fault scenarios at full length (30 s outages) with the results table.
 faults: $(STAMP)
 	$(BIN)/python -m tests.faults --profile full --out bench/results/faults-full.json
+
+# The cluster fault scenarios (three private nodes, 200 callbacks/s, 30 s outages) with the results table;
+# then the frozen-node scenario again with net_ticktime 15 (see bench/results/faults-cluster.md).
+faults-cluster: $(STAMP)
+	status=0; \
+	$(BIN)/python -m tests.faults --cluster --profile full --out bench/results/faults-cluster.json || status=1; \
+	$(BIN)/python -m tests.faults --cluster --profile full --net-ticktime 15 partition_frozen \
+		--out bench/results/faults-cluster-ticktime15.json || status=1; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests examples bench

@@ -26,7 +26,8 @@ from pamqp.base import Frame
 
 from relay.endpoints import Endpoint
 
-CHANNEL = 1
+CHANNEL = 1  # publishing, in confirm mode
+TOPOLOGY_CHANNEL = 2  # declarations that may block in the broker (bindings), kept off the publishing channel
 _FRAME_HEAD = struct.Struct(">BHI")
 _METHOD_IDS = struct.Struct(">HH")
 _TAG = struct.Struct(">Q")
@@ -269,7 +270,7 @@ class Connection(asyncio.Protocol):
     # -- other frames ------------------------------------------------------------------------------
 
     def _on_frame(self, raw: bytes) -> None:
-        _, _, value = frame.unmarshal(raw)
+        _, channel, value = frame.unmarshal(raw)
         if isinstance(value, heartbeat.Heartbeat):
             return
         if isinstance(value, commands.Basic.Return):
@@ -285,7 +286,7 @@ class Connection(asyncio.Protocol):
             if is_connection:
                 self._send(commands.Connection.CloseOk(), 0)
             else:
-                self._send(commands.Channel.CloseOk(), CHANNEL)
+                self._send(commands.Channel.CloseOk(), channel)
             what = "connection" if is_connection else "channel"
             reason = f"broker closed the {what}: {value.reply_code} {value.reply_text}"
             self._fail(AmqpError(reason, in_doubt=True, code=value.reply_code or 0))
@@ -430,7 +431,10 @@ class Connection(asyncio.Protocol):
         self.heartbeat = (
             min(heartbeat_s, tune.heartbeat) if tune.heartbeat and heartbeat_s else (heartbeat_s or tune.heartbeat)
         )
-        self._send(commands.Connection.TuneOk(channel_max=1, frame_max=self.frame_max, heartbeat=self.heartbeat), 0)
+        tune_ok = commands.Connection.TuneOk(
+            channel_max=TOPOLOGY_CHANNEL, frame_max=self.frame_max, heartbeat=self.heartbeat
+        )
+        self._send(tune_ok, 0)
         await self.call(
             commands.Connection.Open(virtual_host=endpoint.vhost),
             commands.Connection.OpenOk,

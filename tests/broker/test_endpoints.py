@@ -115,6 +115,31 @@ async def test_publisher_moves_to_the_next_endpoint_when_its_node_goes(
     assert f"127.0.0.1:{nodes[1].port}" == confirming[-1]["endpoint"]
 
 
+async def test_bindings_are_restored_after_a_failover_without_holding_up_publishing(
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    amqp: aio_pika.abc.AbstractChannel,
+    names: dict[str, str],
+    tmp_path: Path,
+    nodes: list[TcpProxy],
+) -> None:
+    """After a reconnection the relay re-binds its queues on a separate channel: a binding lost meanwhile
+    comes back, and callbacks are routed to the queue again."""
+    urls = ",".join(url_for(amqp_url, proxy.port) for proxy in nodes)
+    with capture_logs() as logs:
+        client = await start_relay(aiohttp_client, urls, names, tmp_path)
+        queue = await amqp.get_queue(names["queue"])
+        await queue.unbind(names["exchange"], "message.revoked.#")
+        await nodes[0].stop()
+        async with asyncio.timeout(10):
+            while not any(e["event"] == "relay.rebound" for e in logs):
+                await asyncio.sleep(0.02)
+    response = await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))
+    assert 200 == response.status
+    assert 1 == len(await read_messages(amqp, names["queue"], 1))
+    assert [[names["queue"]]] == [e["queues"] for e in logs if e["event"] == "relay.rebound"]
+
+
 @pytest.mark.parametrize("robust", [False, True], ids=["plain", "robust"])
 async def test_aio_pika_connect_skips_a_dead_endpoint(amqp_url: str, robust: bool) -> None:
     """relay.broker.connect (tail, consumers) opens the first endpoint that answers and says which."""

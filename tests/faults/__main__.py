@@ -45,9 +45,9 @@ async def run(profile: str, names: list[str], out: Path | None) -> int:
     return report(f"profile {profile}", asdict(PROFILES[profile]), results, out)
 
 
-async def run_cluster(profile: str, names: list[str], out: Path | None) -> int:
+async def run_cluster(profile: str, names: list[str], out: Path | None, net_ticktime: int | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="relay-cluster-faults-"))
-    cluster = Cluster(root)
+    cluster = Cluster(root, net_ticktime=net_ticktime)
     print(f"private cluster {[n.node for n in cluster.nodes]}, work dir {root}", flush=True)
     started = time.monotonic()
     await asyncio.to_thread(cluster.start)
@@ -66,7 +66,8 @@ async def run_cluster(profile: str, names: list[str], out: Path | None) -> int:
             print(result.row(), flush=True)
     finally:
         await asyncio.to_thread(cluster.stop)
-    return report(f"cluster profile {profile}", asdict(CLUSTER_PROFILES[profile]), results, out)
+    settings = {**asdict(CLUSTER_PROFILES[profile]), "net_ticktime": net_ticktime or "60 (default)"}
+    return report(f"cluster profile {profile}", settings, results, out)
 
 
 def report(title: str, settings: dict[str, object], results: list[Result], out: Path | None) -> int:
@@ -101,13 +102,15 @@ def main() -> int:
     parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS, *CLUSTER_SCENARIOS], default=[])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--cluster", action="store_true", help="the cluster scenarios, on three private nodes")
+    parser.add_argument("--net-ticktime", type=int, help="cluster nodes' net_ticktime (RabbitMQ's default: 60)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.cluster:
         unknown = set(args.scenarios) - set(CLUSTER_SCENARIOS)
         if unknown:
             parser.error(f"not cluster scenarios: {sorted(unknown)}")
-        return asyncio.run(run_cluster(args.profile, args.scenarios or list(CLUSTER_SCENARIOS), args.out))
+        names = args.scenarios or list(CLUSTER_SCENARIOS)
+        return asyncio.run(run_cluster(args.profile, names, args.out, args.net_ticktime))
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"cluster scenarios need --cluster: {sorted(unknown)}")

@@ -21,12 +21,13 @@ CLUSTER_CONF = "cluster_partition_handling = pause_minority\n"
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3, prefix: str | None = None) -> None:
+    def __init__(self, root: Path, size: int = 3, prefix: str | None = None, net_ticktime: int | None = None) -> None:
         prefix = prefix or f"relayc{secrets.token_hex(3)}"
         cookie = secrets.token_hex(16).upper()
-        self.nodes = [
-            PrivateRabbit(root / f"node{i}", f"{prefix}n{i}", conf=CLUSTER_CONF, cookie=cookie) for i in range(size)
-        ]
+        # net_ticktime (default 60 s): how long a silent peer stays "up" for the others (45-75 s).
+        conf = CLUSTER_CONF + (f"net_ticktime = {net_ticktime}\n" if net_ticktime else "")
+        self.net_ticktime = net_ticktime
+        self.nodes = [PrivateRabbit(root / f"node{i}", f"{prefix}n{i}", conf=conf, cookie=cookie) for i in range(size)]
 
     @property
     def urls(self) -> str:
@@ -80,6 +81,19 @@ class Cluster:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"cluster not fully running after {timeout}s: {self.running()}")
+
+    def repair(self, timeout: float = 180.0) -> list[str]:
+        """Restart the RabbitMQ application on every node that does not see the whole cluster (what an
+        operator does after a partition that partition handling did not heal); return their names."""
+        names = {node.node for node in self.nodes}
+        restarted = []
+        for node in self.up():
+            if self.running(node) != names:
+                node.ctl("stop_app", timeout=120)
+                node.ctl("start_app", timeout=180)
+                restarted.append(node.name)
+        self.await_running(timeout)
+        return restarted
 
     def queue_state(self, queue: str) -> tuple[str | None, list[str], list[str]]:
         """(leader, members, online members) of quorum queue *queue*, as the first answering node says."""
