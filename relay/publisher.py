@@ -151,8 +151,14 @@ class AmqpPublisher:
 
     @property
     def ready(self) -> bool:
+        """Connected, the exchange and queues declared (``_in_use`` is set only then), not blocked."""
         connection = self._connection
-        return connection is not None and not connection.closed.done() and not connection.blocked
+        return (
+            self._in_use is not None
+            and connection is not None
+            and not connection.closed.done()
+            and not connection.blocked
+        )
 
     @property
     def endpoint(self) -> str | None:

@@ -243,6 +243,37 @@ async def test_no_broker_at_start_spools_and_stays_ready(
     assert 1 == client.app[SPOOL].events  # type: ignore[index]
 
 
+async def test_not_ready_until_the_exchange_and_queues_are_declared(
+    aiohttp_client: ClientFactory,
+    amqp_url: str,
+    names: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a new connection still declares its exchange and queues, the relay does not publish on it
+    (a callback is spooled) and /readyz says broker false; once declared, it names the endpoint."""
+    declaring, go_on = asyncio.Event(), asyncio.Event()
+    declare = AmqpPublisher._declare
+
+    async def held(self: AmqpPublisher, *args: Any, **kwargs: Any) -> None:
+        declaring.set()
+        await go_on.wait()
+        await declare(self, *args, **kwargs)
+
+    monkeypatch.setattr(AmqpPublisher, "_declare", held)
+    client = await start_relay(aiohttp_client, amqp_url, names, tmp_path, wait=False)
+    await asyncio.wait_for(declaring.wait(), 10)
+    ready = await (await client.get("/readyz")).json()
+    assert (False, None) == (ready["broker"], ready["endpoint"])
+    response = await client.post(target(C2C_RECALL), data=orjson.dumps(sample_body("c2c")))
+    assert (200, 1) == (response.status, client.app[SPOOL].events)  # type: ignore[index]
+    go_on.set()
+    publisher = cast(AmqpPublisher, client.app[PUBLISHER])  # type: ignore[index]
+    await asyncio.wait_for(publisher.connected.wait(), 10)
+    ready = await (await client.get("/readyz")).json()
+    assert (True, amqp_url.split("@")[1].rstrip("/")) == (ready["broker"], ready["endpoint"])
+
+
 async def test_broker_loss_spools_and_recovery_drains_in_order(
     aiohttp_client: ClientFactory,
     amqp_url: str,

@@ -13,8 +13,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from tests.faults.cluster import Cluster
 from tests.faults.cluster_scenarios import CLUSTER_PROFILES, CLUSTER_SCENARIOS, ClusterContext
@@ -22,24 +24,34 @@ from tests.faults.harness import TABLE_HEADER, Result
 from tests.faults.node import PrivateRabbit
 from tests.faults.scenarios import PROFILES, SCENARIOS, Context
 
+NARRATIVE = "## What happened"  # heading of the hand-written account below a results table
+
+
+Scenario = Callable[[Any], Awaitable[Result]]
+
+
+async def run_each(scenarios: Mapping[str, Scenario], names: list[str], ctx: Any) -> list[Result]:
+    """Run the named scenarios one after the other, cleaning up after each; print each row as it comes."""
+    results = []
+    for name in names:
+        started = time.monotonic()
+        try:
+            result = await scenarios[name](ctx)
+        finally:
+            await ctx.cleanup()
+        result.notes["duration_s"] = round(time.monotonic() - started, 1)
+        results.append(result)
+        print(result.row(), flush=True)
+    return results
+
 
 async def run(profile: str, names: list[str], out: Path | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="relay-faults-"))
     node = PrivateRabbit(root / "rabbit")
     print(f"private RabbitMQ {node.node} on 127.0.0.1:{node.port}, work dir {root}", flush=True)
     await asyncio.to_thread(node.start)
-    ctx = Context(node, root, PROFILES[profile])
-    results = []
     try:
-        for name in names:
-            started = time.monotonic()
-            try:
-                result = await SCENARIOS[name](ctx)
-            finally:
-                await ctx.cleanup()
-            result.notes["duration_s"] = round(time.monotonic() - started, 1)
-            results.append(result)
-            print(result.row(), flush=True)
+        results = await run_each(SCENARIOS, names, Context(node, root, PROFILES[profile]))
     finally:
         await asyncio.to_thread(node.stop)
     return report(f"profile {profile}", asdict(PROFILES[profile]), results, out)
@@ -52,18 +64,8 @@ async def run_cluster(profile: str, names: list[str], out: Path | None, net_tick
     started = time.monotonic()
     await asyncio.to_thread(cluster.start)
     print(f"cluster running after {time.monotonic() - started:.1f} s", flush=True)
-    ctx = ClusterContext(cluster, root, CLUSTER_PROFILES[profile])
-    results = []
     try:
-        for name in names:
-            started = time.monotonic()
-            try:
-                result = await CLUSTER_SCENARIOS[name](ctx)
-            finally:
-                await ctx.cleanup()
-            result.notes["duration_s"] = round(time.monotonic() - started, 1)
-            results.append(result)
-            print(result.row(), flush=True)
+        results = await run_each(CLUSTER_SCENARIOS, names, ClusterContext(cluster, root, CLUSTER_PROFILES[profile]))
     finally:
         await asyncio.to_thread(cluster.stop)
     settings = {**asdict(CLUSTER_PROFILES[profile]), "net_ticktime": net_ticktime or "60 (default)"}
@@ -90,8 +92,12 @@ def report(title: str, settings: dict[str, object], results: list[Result], out: 
             )
         )
         table = "\n".join([TABLE_HEADER, *(r.row() for r in results)])
-        out.with_suffix(".md").write_text(
+        md = out.with_suffix(".md")
+        # The account of what happened is written by hand below the table: a new run keeps it.
+        kept = md.read_text().partition(NARRATIVE)[2] if md.exists() else ""
+        md.write_text(
             f"# Fault scenarios, {title}\n\n{settings} on {platform.platform()}\n\n{table}\n"
+            + (f"\n{NARRATIVE}{kept}" if kept else "")
         )
         print(f"\nwritten to {out} and {out.with_suffix('.md')}")
     return 0 if all(r.passed for r in results) else 1
