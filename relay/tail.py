@@ -37,7 +37,9 @@ def _object(value: object) -> dict[str, object]:
 
 def render(message: AbstractIncomingMessage, *, as_json: bool) -> str:
     """One output line: the event with its routing key and message_id (JSON), or an aligned summary:
-    event time, conversation type, eventID, operator role/userID, sender, msgID."""
+    event time, conversation type, eventID, operator role/userID, sender, msgID; for the recall
+    gateway's audit events the request's time and moderator, then the event type, requestID and
+    (for a failure) status and Tencent's code."""
     try:
         event = orjson.loads(message.body)
     except orjson.JSONDecodeError:
@@ -50,12 +52,21 @@ def render(message: AbstractIncomingMessage, *, as_json: bool) -> str:
     if not isinstance(event, dict):
         return f"{_clean(message.routing_key)}  {_clean(message.message_id)}  (not a JSON event)"
     operator, conversation = _object(event.get("operator")), _object(event.get("conversation"))
+    at, sender, extra = event.get("eventTime"), event.get("sender"), ""
+    if event.get("type", EVENT_TYPE) != EVENT_TYPE:
+        # An audit event of the recall gateway: requested by a moderator; a failure says why.
+        operator = {"role": "moderator", "userID": _object(event.get("moderator")).get("userID")}
+        at, sender = event.get("requestedAt"), conversation.get("sender")
+        extra = f"  [{_clean(event.get('type'))} request={_clean(event.get('requestID'))}"
+        if event.get("status") is not None:
+            extra += f" status={_clean(event.get('status'))} tencentCode={_clean(event.get('tencentCode'))}"
+        extra += "]"
     by = f"{_clean(operator.get('role'))}/{_clean(operator.get('userID'))}"
     # Fixed-width columns first and the msgID (any length) last, so the columns line up.
     return (
-        f"{_clean(event.get('eventTime')):<24}  {_clean(conversation.get('type')):<16}  "
-        f"{_clean(event.get('eventID')):<36}  by={by:<28}  from={_clean(event.get('sender')):<16}  "
-        f"msg={_clean(event.get('msgID'))}"
+        f"{_clean(at):<24}  {_clean(conversation.get('type')):<16}  "
+        f"{_clean(event.get('eventID')):<36}  by={by:<28}  from={_clean(sender):<16}  "
+        f"msg={_clean(event.get('msgID'))}{extra}"
     )
 
 
