@@ -151,14 +151,8 @@ class AmqpPublisher:
 
     @property
     def ready(self) -> bool:
-        """Connected, the exchange and queues declared (``_in_use`` is set only then), not blocked."""
-        connection = self._connection
-        return (
-            self._in_use is not None
-            and connection is not None
-            and not connection.closed.done()
-            and not connection.blocked
-        )
+        """Connected with the exchange and queues declared (there is an endpoint in use), not blocked."""
+        return self.endpoint is not None and not self.blocked
 
     @property
     def endpoint(self) -> str | None:

@@ -57,10 +57,10 @@ def render(message: AbstractIncomingMessage, *, as_json: bool) -> str:
         # An audit event of the recall gateway: requested by a moderator; a failure says why.
         operator = {"role": "moderator", "userID": _object(event.get("moderator")).get("userID")}
         at, sender = event.get("requestedAt"), conversation.get("sender")
-        extra = f"  [{_clean(event.get('type'))} request={_clean(event.get('requestID'))}"
+        parts = [_clean(event.get("type")), f"request={_clean(event.get('requestID'))}"]
         if event.get("status") is not None:
-            extra += f" status={_clean(event.get('status'))} tencentCode={_clean(event.get('tencentCode'))}"
-        extra += "]"
+            parts += [f"status={_clean(event.get('status'))}", f"tencentCode={_clean(event.get('tencentCode'))}"]
+        extra = f"  [{' '.join(parts)}]"
     by = f"{_clean(operator.get('role'))}/{_clean(operator.get('userID'))}"
     # Fixed-width columns first and the msgID (any length) last, so the columns line up.
     return (

@@ -16,6 +16,7 @@ import orjson
 
 from relay.errors import PublishFailed
 from relay.events import Envelope
+from relay.gateway.request import RecallCommand, parse_request
 from relay.settings import Settings
 from relay.tencent.callback import CallbackQuery
 from relay.tencent.normalize import normalize
@@ -102,3 +103,21 @@ class RecordingPublisher:
         if self.fail_with is not None or envelope.event_id in self.fail_event_ids:
             raise PublishFailed(self.fail_with or "returned", "told to fail", in_doubt=self.fail_with == "timeout")
         self.published.append(envelope)
+
+
+def recall_command(
+    conversation: dict[str, Any],
+    messages: list[dict[str, Any]],
+    reason: str = "spam link",
+    request_id: str = "ticket-4711",
+) -> RecallCommand:
+    """A validated recall-gateway request from moderator mod_7 of app APP."""
+    body = {
+        "requestID": request_id,
+        "sdkAppID": APP,
+        "conversation": conversation,
+        "messages": messages,
+        "reason": reason,
+        "moderator": {"userID": "mod_7"},
+    }
+    return parse_request(orjson.dumps(body), new_id=lambda: "x")

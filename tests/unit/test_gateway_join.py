@@ -12,12 +12,11 @@ from prometheus_client import CollectorRegistry
 from relay.correlation import Enricher, MemoryStore, encode_request_record, msg_id_key, recall_key, recall_key_of
 from relay.events import RecallRequest, RevokeEvent, event_id
 from relay.gateway.audit import FAILED, REQUESTED, audit_envelope, revoked_event_id
-from relay.gateway.request import parse_request
 from relay.metrics import Metrics
 from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.tencent.normalize import group_server_key, normalize
 from relay.tencent.sends import C2C_SEND, parse_send
-from tests.helpers import APP, load_schema, validate_event
+from tests.helpers import APP, load_schema, recall_command, validate_event
 
 AUDIT = jsonschema.Draft202012Validator(load_schema("recall-audit.v1.json"), format_checker=jsonschema.FormatChecker())
 REQUEST = RecallRequest("ticket-4711", "moderation-svc", 1_767_225_600_123)
@@ -143,21 +142,9 @@ async def test_gateway_records_survive_a_flood_of_send_records() -> None:
     assert not await store.claim("request:svc/r1", b"other", 60)
 
 
-def command(conversation: dict[str, Any], messages: list[dict[str, Any]], reason: str = "spam link") -> Any:
-    body = {
-        "requestID": "ticket-4711",
-        "sdkAppID": APP,
-        "conversation": conversation,
-        "messages": messages,
-        "reason": reason,
-        "moderator": {"userID": "mod_7"},
-    }
-    return parse_request(orjson.dumps(body), new_id=lambda: "x")
-
-
 def test_audit_events_satisfy_their_schema_and_name_the_revocation() -> None:
     """recall_requested and recall_failed validate, and revokedEventID is the revocation's eventID."""
-    cmd = command({"type": "group", "groupID": "@TGS#1", "topicID": "@TGS#1@TOPIC#x"}, [{"msgSeq": 101}])
+    cmd = recall_command({"type": "group", "groupID": "@TGS#1", "topicID": "@TGS#1@TOPIC#x"}, [{"msgSeq": 101}])
     target = cmd.messages[0]
     kw: dict[str, Any] = {"requested_by": "svc", "requested_at_ms": 1_767_225_600_000, "at_ms": 1_767_225_600_500}
     requested = audit_envelope(REQUESTED, cmd, target, tencent_reason="spam link", **kw)
@@ -175,7 +162,7 @@ def test_audit_events_satisfy_their_schema_and_name_the_revocation() -> None:
 
 def test_audit_event_ids_are_deterministic_per_request_and_message() -> None:
     """The same request carried out again yields the same eventIDs; another message, another ID."""
-    cmd = command({"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k1"}, {"msgKey": "k2"}])
+    cmd = recall_command({"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k1"}, {"msgKey": "k2"}])
     kw: dict[str, Any] = {"requested_by": "svc", "requested_at_ms": 1, "at_ms": 2, "tencent_reason": None}
     first = [audit_envelope(REQUESTED, cmd, t, **kw).event_id for t in cmd.messages]
     again = [audit_envelope(REQUESTED, cmd, t, **{**kw, "at_ms": 99}).event_id for t in cmd.messages]
@@ -185,7 +172,7 @@ def test_audit_event_ids_are_deterministic_per_request_and_message() -> None:
 
 def test_a_failed_audit_event_without_a_status_is_invalid() -> None:
     """The schema tells the two kinds apart: recall_failed must say why."""
-    cmd = command({"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k1"}])
+    cmd = recall_command({"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k1"}])
     kw: dict[str, Any] = {"requested_by": "svc", "requested_at_ms": 1, "at_ms": 2, "tencent_reason": None}
     body = orjson.loads(audit_envelope(FAILED, cmd, cmd.messages[0], **kw).body)
     with pytest.raises(jsonschema.ValidationError):

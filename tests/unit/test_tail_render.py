@@ -9,9 +9,8 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.gateway.audit import FAILED, REQUESTED, audit_envelope
-from relay.gateway.request import parse_request
 from relay.tail import render
-from tests.helpers import APP
+from tests.helpers import recall_command
 
 
 @dataclass
@@ -25,22 +24,14 @@ def line(body: bytes, routing_key: str = "message.x") -> list[str]:
     return render(cast(AbstractIncomingMessage, Message(body, routing_key, "m1")), as_json=False).split()
 
 
-def c2c_request() -> Any:
-    body = {
-        "requestID": "ticket-4712",
-        "sdkAppID": APP,
-        "conversation": {"type": "c2c", "sender": "u_alice", "receiver": "u_bob"},
-        "messages": [{"msgKey": "31906_833502_1572869830"}],
-        "reason": "harassment",
-        "moderator": {"userID": "mod_7"},
-    }
-    return parse_request(orjson.dumps(body), new_id=lambda: "unused")
-
-
 def test_an_audit_event_shows_its_request_time_moderator_and_kind() -> None:
     """Audit events carry no eventTime or operator: the line shows requestedAt, the moderator and the
     conversation's sender in the usual columns, then the kind and requestID (and a failure's cause)."""
-    cmd = c2c_request()
+    cmd = recall_command(
+        {"type": "c2c", "sender": "u_alice", "receiver": "u_bob"},
+        [{"msgKey": "31906_833502_1572869830"}],
+        request_id="ticket-4712",
+    )
     kw: dict[str, Any] = {"requested_by": "svc", "requested_at_ms": 1_796_199_018_526, "at_ms": 1_796_199_018_600}
     requested = audit_envelope(REQUESTED, cmd, cmd.messages[0], tencent_reason=None, **kw)
     failed = audit_envelope(
