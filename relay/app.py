@@ -22,9 +22,12 @@ from relay.access import SourcePolicy
 from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStore
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
+from relay.errors import ConfigError
 from relay.fastpath import RelayRunner
-from relay.gateway.api import create_api_app
+from relay.gateway.api import ApiRunner, create_api_app
 from relay.gateway.commands import CommandConsumer
+from relay.gateway.keys import Keyring, check_keys, legacy_keys, load_keys
+from relay.gateway.moderators import Verifier, load_jwks_file
 from relay.gateway.service import RecallService
 from relay.gateway.tencent_api import TencentApi
 from relay.matrix import ingress as matrix_ingress
@@ -37,6 +40,9 @@ from relay.tencent.ingress import CallbackHandler
 from relay.workers import merged_metrics, peer_readiness
 
 CALLBACK_PATH = "/tencent-im/callback"
+# A recall being carried out when SIGTERM comes may wait on Tencent's retries; bounded so the whole
+# shutdown fits Kubernetes' grace period (docs/deploy.md).
+API_SHUTDOWN_TIMEOUT = 15.0
 log = structlog.get_logger()
 
 
@@ -61,6 +67,8 @@ TENCENT = web.AppKey("tencent_api", TencentApi)
 GATEWAY = web.AppKey("recall_service", RecallService)
 API = web.AppKey("api_app", web.Application)  # the recall API, served on its own port
 COMMANDS = web.AppKey("command_consumer", CommandConsumer)
+KEYRING = web.AppKey("keyring", Keyring)
+VERIFIER = web.AppKey("moderator_verifier", Verifier)
 MATRIX = web.AppKey("matrix", matrix_ingress.TransactionHandler)
 
 
@@ -84,6 +92,7 @@ def create_app(
         evidence=settings.evidence,
         sends=settings.enrichment,
         recalls=settings.gateway,
+        admin=settings.tencent_admin,
     )
     dispatcher = Dispatcher(publisher, spool, metrics)
     auth = Authenticator(settings.accepted_apps, settings.callback_tokens, settings.signature_max_age, clock)
@@ -149,6 +158,7 @@ def correlation_store(settings: Settings, metrics: Metrics) -> CorrelationStore 
     index = settings.gateway and settings.enrichment
     if settings.redis_url:
         return RedisStore(settings.redis_url, settings.correlation_ttl, metrics, index_msg_ids=index)
+    # Gateway records (leases, answers, joins) have a bound of their own: sends never evict them.
     return MemoryStore(settings.correlation_ttl, settings.correlation_max_entries, metrics, index_msg_ids=index)
 
 
@@ -171,15 +181,93 @@ def _add_gateway(
         timeout=settings.tencent_timeout,
         clock=clock,
     )
-    service = RecallService(tencent, store, dispatcher, metrics, record_ttl=settings.recall_ttl, clock=clock)
+    verifier = moderator_verifier(settings)
+    service = RecallService(
+        tencent,
+        store,
+        dispatcher,
+        metrics,
+        record_ttl=settings.recall_ttl,
+        join_ttl=settings.recall_join_ttl,
+        spool_share=settings.spool_gateway_share,
+        verifier=verifier,
+        clock=clock,
+    )
+    keyring = Keyring(settings.all_api_keys)
     app[TENCENT] = tencent
     app[GATEWAY] = service
-    if settings.api_tokens:
-        app[API] = create_api_app(service, settings.api_tokens, metrics)
+    app[KEYRING] = keyring
+    if settings.api:
+        app[API] = create_api_app(service, keyring, metrics, body_timeout=settings.body_timeout)
     app.cleanup_ctx.append(_tencent_ctx)
+    if verifier is not None:
+        app[VERIFIER] = verifier
+        app.cleanup_ctx.append(_verifier_ctx)
     if settings.command_queue is not None:
-        app[COMMANDS] = CommandConsumer(settings.amqp_url, settings.command_queue, service, metrics)
+        app[COMMANDS] = CommandConsumer(
+            settings.amqp_url,
+            settings.command_queue,
+            service,
+            metrics,
+            keyring,
+            reply_prefix=settings.command_reply_prefix,
+        )
         app.cleanup_ctx.append(_commands_ctx)
+
+
+def moderator_verifier(settings: Settings) -> Verifier | None:
+    """The moderator-token checker, when a JWKS is configured (its file was validated with the settings)."""
+    if settings.api_jwt_issuer is None or settings.api_jwt_audience is None:
+        return None
+    keys = load_jwks_file(settings.api_jwks_file) if settings.api_jwks_file is not None else None
+    return Verifier(
+        settings.api_jwt_issuer, settings.api_jwt_audience, settings.api_jwt_claim, keys=keys, url=settings.api_jwks_url
+    )
+
+
+def reload_credentials(app: web.Application) -> bool:
+    """SIGHUP: read ``RELAY_API_KEYS_FILE`` (and ``RELAY_API_JWKS_FILE``) again and put them in force.
+    A file that no longer validates changes nothing (logged): the keys in force stay."""
+    settings = app[SETTINGS]
+    if KEYRING not in app:
+        return False
+    try:
+        scoped = load_keys(settings.api_keys_file) if settings.api_keys_file is not None else ()
+        problems = check_keys((*scoped, *legacy_keys(settings.api_tokens)), settings.tencent_secret_keys)
+        if problems:
+            raise ConfigError(problems)
+        jwks = load_jwks_file(settings.api_jwks_file) if settings.api_jwks_file is not None else None
+    except ConfigError as exc:
+        log.error("relay.credentials_reload_failed", problems=exc.problems)
+        return False
+    app[KEYRING].replace((*scoped, *legacy_keys(settings.api_tokens)))
+    if jwks is not None and VERIFIER in app:
+        app[VERIFIER].replace_keys(jwks)
+    log.info("relay.credentials_reloaded", keys=app[KEYRING].names, jwks_keys=None if jwks is None else len(jwks))
+    return True
+
+
+def api_runner(app: web.Application) -> ApiRunner:
+    """The recall API's HTTP server: the callback port's header and body deadlines, a cap on open
+    connections, bodies read as sent (no decompression)."""
+    settings = app[SETTINGS]
+    return ApiRunner(
+        app[API],
+        max_connections=settings.api_max_connections,
+        metrics=app[METRICS],
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=API_SHUTDOWN_TIMEOUT,
+        keepalive_timeout=settings.keepalive_timeout,
+        lingering_time=2.0,
+        auto_decompress=False,
+    )
+
+
+async def _verifier_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[VERIFIER].start()
+    yield
+    await app[VERIFIER].close()
 
 
 async def _tencent_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -314,6 +402,8 @@ def readiness(app: web.Application) -> tuple[bool, dict[str, object]]:
             "oldest_age_seconds": round(spool.oldest_age(), 3),
         },
         "draining": draining,
+        # The command queue is reported, never decides: callbacks do not need it.
+        **({"commands": app[COMMANDS].status} if COMMANDS in app else {}),
     }
 
 

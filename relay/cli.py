@@ -23,7 +23,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
-from relay.app import API, LIFECYCLE, METRICS, create_app, local_app, make_runner
+from relay.app import (
+    API,
+    KEYRING,
+    LIFECYCLE,
+    METRICS,
+    api_runner,
+    create_app,
+    local_app,
+    make_runner,
+    reload_credentials,
+)
 from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
@@ -37,9 +47,6 @@ from relay.tencent.samples import KINDS, callback_query, encode, sample_body
 from relay.workers import socket_path, supervise, worker_slot
 
 log = structlog.get_logger()
-# A recall being carried out when SIGTERM comes may wait on Tencent's retries; bounded so the whole
-# shutdown fits Kubernetes' grace period (docs/deploy.md).
-API_SHUTDOWN_TIMEOUT = 15.0
 
 
 def _settings(env: Mapping[str, str], *, require_apps: bool = True) -> Settings | None:
@@ -107,10 +114,18 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     api: web.AppRunner | None = None
     if API in app:
         # The recall API: its own listener, so the callback port can face the internet alone.
-        api = web.AppRunner(app[API], access_log=None, handle_signals=False, shutdown_timeout=API_SHUTDOWN_TIMEOUT)
+        api = api_runner(app)
         await api.setup()
-        await web.TCPSite(api, settings.host, settings.api_port, reuse_port=worker is not None).start()
-        log.info("relay.api_started", host=settings.host, port=settings.api_port)
+        await web.TCPSite(api, settings.api_host, settings.api_port, reuse_port=worker is not None).start()
+        log.info("relay.api_started", host=settings.api_host, port=settings.api_port, keys=app[KEYRING].names)
+        unscoped = sorted(settings.api_tokens)
+        if unscoped:
+            log.warning(
+                "relay.api_tokens_unscoped",
+                keys=unscoped,
+                detail="RELAY_API_TOKENS keys may recall in every app and conversation naming any moderator;"
+                " move them to RELAY_API_KEYS_FILE with scopes",
+            )
     log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)
     # Everything built so far lives as long as the process: keep it out of every later garbage
     # collection, whose full passes over it otherwise cost tens of ms (the latency tail).
@@ -121,6 +136,7 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_credentials, app)
     await stop.wait()
 
     app[LIFECYCLE].draining = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,11 +88,17 @@ class StoreError(RelayError):
     """The correlation store could not read or write what the recall gateway needs."""
 
 
-class CorrelationStore(Protocol):
-    """Send records (best effort, batched) and the recall gateway's records (awaited, all-or-error).
+class StoreFull(StoreError):
+    """The embedded store holds as many unexpired gateway records as it may: it evicts none."""
 
-    Gateway keys are namespaced by kind (``recall:…``, ``request:…``, ``msgid:…``) and never
-    share the bounded send-record space, so a flood of sends cannot evict a pending request."""
+
+class CorrelationStore(Protocol):
+    """Send records and their msgID index (best effort, batched, evictable) and the recall
+    gateway's records (awaited, all-or-error, never evicted before they expire).
+
+    Gateway keys are namespaced by kind (``request:…`` leases and answers, ``attribution:…``,
+    ``recall:…`` join records) and never share the bounded send-record space, so a flood of sends
+    cannot evict a pending request."""
 
     name: str
     local: bool  # in-process: a lookup never waits, so it needs no deadline
@@ -107,6 +114,9 @@ class CorrelationStore(Protocol):
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
         """Send records: one round trip for all *keys*; raises on store failure."""
 
+    async def locate(self, keys: Sequence[str]) -> list[bytes | None]:
+        """msgID index entries (``msgid:…``, written with the send records); raises :class:`StoreError`."""
+
     async def get(self, keys: Sequence[str]) -> list[bytes | None]:
         """Gateway records, one round trip; raises :class:`StoreError`."""
 
@@ -116,12 +126,25 @@ class CorrelationStore(Protocol):
     async def claim(self, key: str, value: bytes, ttl: float) -> bool:
         """Write *key* only if it does not exist (an idempotency lease); False if it does."""
 
+    async def reserve(self, items: Sequence[tuple[str, bytes]], ttl: float) -> list[bool]:
+        """Write each key unless it holds another value (a join record another request owns): one
+        round trip, True where written (or already ours)."""
+
+    async def take(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read and delete gateway records at once (a join record is used once)."""
+
     async def delete(self, key: str) -> None:
         """Remove a gateway record; raises :class:`StoreError`."""
 
+    async def delete_if(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Remove each key only while it still holds the given value (never another request's record)."""
+
 
 class MemoryStore:
-    """Embedded store for a single replica: a bounded, TTL'd map, lost on restart."""
+    """Embedded store for a single replica, lost on restart. Three spaces: send records and their
+    msgID index (bounded, oldest dropped first: a lost one only means an unenriched recall) and
+    gateway records (bounded too, but never evicted before they expire: past the bound a request
+    is refused with :class:`StoreFull`, because a dropped lease would let a retry recall twice)."""
 
     name = "memory"
     local = True
@@ -134,15 +157,18 @@ class MemoryStore:
         clock: Callable[[], float] = time.monotonic,
         *,
         index_msg_ids: bool = False,
+        max_gateway_entries: int | None = None,
     ):
         self._ttl = ttl
         self._max = max_entries
+        self._max_gateway = max_gateway_entries or max_entries
         self._metrics = metrics
         self._clock = clock
         self.index_msg_ids = index_msg_ids
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        # Gateway records, apart from the send records: expiring, bounded by the same limit.
-        self._gateway: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._index: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._gateway: dict[str, tuple[float, bytes]] = {}
+        self._expiries: list[tuple[float, str]] = []  # heap; stale entries skipped when popped
 
     def __len__(self) -> int:
         return len(self._data)
@@ -152,7 +178,9 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._data.clear()
+        self._index.clear()
         self._gateway.clear()
+        self._expiries.clear()
 
     async def submit(self, records: Sequence[SendRecord]) -> None:
         expires = self._clock() + self._ttl
@@ -163,51 +191,104 @@ class MemoryStore:
             self._data[record.key] = (expires, bytes(memoryview(record.encode())))
             index = record.index_key if self.index_msg_ids else None
             if index is not None:
-                self._set(index, orjson.dumps(record.locator), self._ttl)
-        while len(self._data) > self._max:  # oldest first: insertion order is send order
-            self._data.popitem(last=False)
+                self._index.pop(index, None)
+                self._index[index] = (expires, orjson.dumps(record.locator))
+        for space in (self._data, self._index):
+            while len(space) > self._max:  # oldest first: insertion order is send order
+                space.popitem(last=False)
         self._metrics.correlation_writes.inc(len(records))
 
+    async def locate(self, keys: Sequence[str]) -> list[bytes | None]:
+        return _read(self._index, keys, self._clock())
+
     async def get(self, keys: Sequence[str]) -> list[bytes | None]:
-        now = self._clock()
-        out: list[bytes | None] = []
-        for key in keys:
-            entry = self._gateway.get(key)
-            if entry is not None and entry[0] <= now:
-                del self._gateway[key]
-                entry = None
-            out.append(None if entry is None else entry[1])
-        return out
+        return _read(self._gateway, keys, self._clock())
 
     async def put(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        self._room([key for key, _ in items])
         for key, value in items:
             self._set(key, value, ttl)
 
     async def claim(self, key: str, value: bytes, ttl: float) -> bool:
         if (await self.get([key]))[0] is not None:
             return False
-        self._set(key, value, ttl)
+        await self.put([(key, value)], ttl)
         return True
+
+    async def reserve(self, items: Sequence[tuple[str, bytes]], ttl: float) -> list[bool]:
+        held = await self.get([key for key, _ in items])
+        mine = [(key, value) for (key, value), h in zip(items, held, strict=True) if h is None or h == value]
+        await self.put(mine, ttl)
+        return [h is None or h == value for (_, value), h in zip(items, held, strict=True)]
+
+    async def take(self, keys: Sequence[str]) -> list[bytes | None]:
+        values = await self.get(keys)
+        for key in keys:
+            self._gateway.pop(key, None)
+        return values
 
     async def delete(self, key: str) -> None:
         self._gateway.pop(key, None)
 
+    async def delete_if(self, items: Sequence[tuple[str, bytes]]) -> None:
+        for key, value in items:
+            entry = self._gateway.get(key)
+            if entry is not None and entry[1] == value:
+                del self._gateway[key]
+
+    def _room(self, keys: Sequence[str]) -> None:
+        """Make room for *keys* by dropping expired records only; raise StoreFull if that is not enough."""
+        new = len({k for k in keys if k not in self._gateway})
+        if len(self._gateway) + new <= self._max_gateway:
+            return
+        now = self._clock()
+        while self._expiries and self._expiries[0][0] <= now:
+            _, key = heapq.heappop(self._expiries)
+            entry = self._gateway.get(key)
+            if entry is not None and entry[0] <= now:
+                del self._gateway[key]
+        if len(self._gateway) + new > self._max_gateway:
+            raise StoreFull(f"the embedded store holds {len(self._gateway)} unexpired gateway records (the limit)")
+
     def _set(self, key: str, value: bytes, ttl: float) -> None:
-        self._gateway.pop(key, None)
-        self._gateway[key] = (self._clock() + ttl, value)
-        while len(self._gateway) > self._max:
-            self._gateway.popitem(last=False)
+        expires = self._clock() + ttl
+        self._gateway[key] = (expires, value)
+        heapq.heappush(self._expiries, (expires, key))
+        if len(self._expiries) > 4 * max(self._max_gateway, 1024):
+            # Rewritten keys leave stale heap entries behind: rebuild from what is held.
+            self._expiries = [(e, k) for k, (e, _) in self._gateway.items()]
+            heapq.heapify(self._expiries)
 
     async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
-        now = self._clock()
-        out: list[bytes | None] = []
-        for key in keys:
-            entry = self._data.get(key)
-            if entry is not None and entry[0] <= now:
-                del self._data[key]
-                entry = None
-            out.append(None if entry is None else entry[1])
-        return out
+        return _read(self._data, keys, self._clock())
+
+
+def _read(space: dict[str, tuple[float, bytes]], keys: Sequence[str], now: float) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for key in keys:
+        entry = space.get(key)
+        if entry is not None and entry[0] <= now:
+            del space[key]
+            entry = None
+        out.append(None if entry is None else entry[1])
+    return out
+
+
+# Compare-and-set / compare-and-delete on one key (so one hash slot in a cluster), atomic in Redis.
+_RESERVE = """
+local held = redis.call('GET', KEYS[1])
+if held == false or held == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class RedisStore:
@@ -294,7 +375,28 @@ class RedisStore:
 
     async def get(self, keys: Sequence[str]) -> list[bytes | None]:
         values = await self._gateway_op("get", self._client.mget([GATEWAY_PREFIX + key for key in keys]))
-        return [v if isinstance(v, bytes) or v is None else str(v).encode() for v in values]
+        return [_bytes(v) for v in values]
+
+    async def locate(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self.get(keys)  # one namespace in Redis: the index is TTL'd like the send records
+
+    async def reserve(self, items: Sequence[tuple[str, bytes]], ttl: float) -> list[bool]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.eval(_RESERVE, 1, GATEWAY_PREFIX + key, value, int(ttl * 1000))
+            return [bool(r) for r in await self._gateway_op("put", pipe.execute())]
+
+    async def take(self, keys: Sequence[str]) -> list[bytes | None]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.getdel(GATEWAY_PREFIX + key)
+            return [_bytes(v) for v in await self._gateway_op("get", pipe.execute())]
+
+    async def delete_if(self, items: Sequence[tuple[str, bytes]]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.eval(_DELETE_IF, 1, GATEWAY_PREFIX + key, value)
+            await self._gateway_op("put", pipe.execute())
 
     async def put(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -355,7 +457,9 @@ class RedisStore:
 class Enricher:
     """Applies send records and recall-gateway requests to recall events; never raises, never
     waits past its budget. *sends*: send records are kept (``RELAY_ENRICHMENT``); *recalls*: the
-    recall gateway is on, so recall callbacks are joined to the requests that caused them."""
+    recall gateway is on, so recall callbacks the gateway caused are joined to their requests.
+    *admin*: the App admin the gateway calls Tencent as (``RELAY_TENCENT_ADMIN``): a REST recall
+    that names another operator was not the gateway's."""
 
     def __init__(
         self,
@@ -366,6 +470,7 @@ class Enricher:
         evidence: bool,
         sends: bool = True,
         recalls: bool = False,
+        admin: str = "administrator",
     ) -> None:
         self.store = store
         self._metrics = metrics
@@ -373,6 +478,7 @@ class Enricher:
         self._evidence = evidence
         self.sends = sends and store is not None
         self._recalls = recalls and store is not None
+        self._admin = admin
         self._open_until = 0.0  # circuit breaker: skip lookups briefly after a failure
 
     async def record(self, records: Sequence[SendRecord]) -> None:
@@ -391,16 +497,19 @@ class Enricher:
         store = self.store
         if store is None or not (self.sends or self._recalls):
             return self._mark(events, "disabled")
+        joins = [recall_key_of(e, self._admin) for e in events] if self._recalls else []
+        wanted = [k for k in joins if k is not None]
+        if not self.sends and not wanted:
+            self._count_unmatched(events, joins)
+            return self._mark(events, "disabled")
         if time.monotonic() < self._open_until:
-            self._count_joins(events, "error")
+            self._count_joins(wanted, "error")
             return self._mark(events, "error") if self.sends else list(events)
         # A provider other than Tencent computes its own store key (Matrix: room and event ID);
         # Tencent's events carry none and use the eventID's name, as their send records do.
         keys = [
             e.correlation_key or correlation_key(e.sdk_app_id or "", e.conversation.type, e.server_key) for e in events
         ]
-        joins = [recall_key_of(e) for e in events] if self._recalls else []
-        wanted = [k for k in joins if k is not None]
         try:
             if store.local:
                 found, requests = await self._lookups(store, keys, wanted)  # in-process: nothing to wait for
@@ -409,7 +518,7 @@ class Enricher:
                     found, requests = await self._lookups(store, keys, wanted)
         except Exception:  # noqa: BLE001 - timeout or store failure: publish unenriched
             self._open_until = time.monotonic() + _BREAKER_SECONDS
-            self._count_joins(events, "error")
+            self._count_joins(wanted, "error")
             return self._mark(events, "error") if self.sends else list(events)
         enriched = self._apply_sends(events, keys, found) if self.sends else self._mark(events, "disabled")
         if self._recalls:
@@ -422,13 +531,24 @@ class Enricher:
     async def _lookups(
         self, store: CorrelationStore, keys: list[str], joins: list[str]
     ) -> tuple[list[bytes | None], list[bytes | None]]:
-        """Send records and recall requests, in parallel when both are wanted (one round trip each)."""
+        """Send records and recall requests, in parallel when both are wanted."""
         if not joins:
             return await store.lookup(keys) if self.sends else [], []
         if not self.sends:
-            return [], await store.get(joins)
-        found, requests = await asyncio.gather(store.lookup(keys), store.get(joins))
+            return [], await self._requests(store, joins)
+        found, requests = await asyncio.gather(store.lookup(keys), self._requests(store, joins))
         return found, requests
+
+    @staticmethod
+    async def _requests(store: CorrelationStore, joins: list[str]) -> list[bytes | None]:
+        """Take each join record (it is used once: a later recall of the same message is not this
+        request's) and read the attribution it points to: two round trips, only for REST recalls."""
+        pointers = await store.take(joins)
+        wanted = sorted({p.decode() for p in pointers if p is not None})
+        if not wanted:
+            return [None] * len(joins)
+        records = dict(zip(wanted, await store.get(wanted), strict=True))
+        return [None if p is None else records.get(p.decode()) for p in pointers]
 
     def _apply_sends(
         self, events: Sequence[RevokeEvent], keys: list[str], found: list[bytes | None]
@@ -457,13 +577,20 @@ class Enricher:
             self._metrics.child(self._metrics.recall_joins, "joined").inc()
             return joined
         if _is_rest(event):
-            # Recalled over REST, but not through this gateway (another tool, or the record expired).
+            # Recalled over REST, but not through this gateway (another tool or admin, or the record
+            # expired or was used).
             self._metrics.child(self._metrics.recall_joins, "unmatched").inc()
         return event
 
-    def _count_joins(self, events: Sequence[RevokeEvent], result: str) -> None:
+    def _count_unmatched(self, events: Sequence[RevokeEvent], joins: Sequence[str | None]) -> None:
         if self._recalls:
-            self._metrics.child(self._metrics.recall_joins, result).inc(len(events))
+            rest = sum(1 for e, k in zip(events, joins, strict=True) if k is None and _is_rest(e))
+            if rest:
+                self._metrics.child(self._metrics.recall_joins, "unmatched").inc(rest)
+
+    def _count_joins(self, wanted: Sequence[str], result: str) -> None:
+        if wanted:
+            self._metrics.child(self._metrics.recall_joins, result).inc(len(wanted))
 
     def _mark(self, events: Sequence[RevokeEvent], result: Enrichment) -> list[RevokeEvent]:
         self._metrics.child(self._metrics.correlation_lookups, result).inc(len(events))
@@ -477,13 +604,14 @@ def recall_key(sdk_app_id: str, conversation_type: ConversationType, parts: Sequ
     return f"recall:{sdk_app_id}/{conversation_type}/" + "/".join(quote(part, safe="") for part in parts)
 
 
-def recall_key_of(event: RevokeEvent) -> str | None:
-    """The join key a recall callback's event is looked up under; None when it cannot be one of
-    the gateway's (a client platform recalled it, or an identifying part is unknown)."""
-    if event.provider != "tencent" or event.sdk_app_id is None:
-        return None  # the gateway recalls through Tencent only
-    if event.platform is not None and not _is_rest(event):
-        return None  # a user's or group admin's own recall from a client, not a REST request
+def recall_key_of(event: RevokeEvent, admin: str) -> str | None:
+    """The join key a recall callback's event is looked up under; None when the gateway cannot
+    have caused it: only a REST recall (``OptPlatform=RESTAPI``) made as *admin* can be (a group
+    recall names its operator; C2C and official-account recalls name none)."""
+    if event.provider != "tencent" or event.sdk_app_id is None or not _is_rest(event):
+        return None  # a user's or group admin's own recall from a client, or no platform given
+    if event.operator.user_id is not None and event.operator.user_id != admin:
+        return None  # another admin account's REST recall: not ours
     c = event.conversation
     if c.type == "c2c":
         if event.sender is None or c.receiver is None or event.msg_key is None:
@@ -502,27 +630,50 @@ def _is_rest(event: RevokeEvent) -> bool:
     return event.platform is not None and event.platform.lower() == "restapi"
 
 
-def encode_request_record(request: RecallRequest, reason: str, moderator: str) -> bytes:
-    """What a recall callback needs from the request that caused it (stored under its recall key)."""
-    return orjson.dumps(
-        {"i": request.request_id, "b": request.requested_by, "t": request.requested_at_ms, "r": reason, "m": moderator}
-    )
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """What a gateway request says about the recalls it causes: who asked, why, naming which
+    moderator, and how the moderator is known (asserted by the key, or verified by an issuer).
+    Stored once per request; each message's join record points to it."""
+
+    request: RecallRequest
+    reason: str
+    moderator: str
+    asserted_by: str | None
+    verified_by: str | None
+
+    def encode(self) -> bytes:
+        r = self.request
+        return orjson.dumps(
+            {
+                "i": r.request_id,
+                "b": r.requested_by,
+                "t": r.requested_at_ms,
+                "r": self.reason,
+                "m": self.moderator,
+                "a": self.asserted_by,
+                "v": self.verified_by,
+            }
+        )
 
 
 def apply_request(event: RevokeEvent, raw: bytes) -> RevokeEvent:
     """The event with the reason and moderator of the gateway request that caused it."""
     data = orjson.loads(raw)
     if not isinstance(data, dict):
-        raise ValueError("recall record is not an object")
+        raise ValueError("attribution record is not an object")
     request_id, by, at, reason, moderator = (data.get(k) for k in ("i", "b", "t", "r", "m"))
     if not (isinstance(request_id, str) and isinstance(by, str) and isinstance(reason, str)):
-        raise ValueError("recall record lacks requestID, requestedBy or reason")
+        raise ValueError("attribution record lacks requestID, requestedBy or reason")
     if not isinstance(at, int) or not isinstance(moderator, str):
-        raise ValueError("recall record lacks requestedAt or moderator")
+        raise ValueError("attribution record lacks requestedAt or moderator")
+    asserted, verified = _str(data.get("a")), _str(data.get("v"))
+    if (asserted is None) == (verified is None):
+        raise ValueError("attribution record must say who asserted or verified the moderator")
     return replace(
         event,
         reason=reason,
-        operator=Operator(moderator, "moderator"),
+        operator=Operator(moderator, "moderator", asserted_by=asserted, verified_by=verified),
         recall_request=RecallRequest(request_id, by, at),
     )
 
@@ -545,6 +696,11 @@ def apply(event: RevokeEvent, record: SendRecord, *, evidence: bool) -> RevokeEv
         evidence=record.evidence if evidence else None,
         enrichment="hit",
     )
+
+
+def _bytes(value: object) -> bytes | None:
+    # decode_responses is off, so values are bytes (or None for a miss).
+    return value if isinstance(value, bytes) or value is None else str(value).encode()
 
 
 def _str(value: object) -> str | None:

@@ -40,8 +40,11 @@ class Dispatcher:
         """Events can be made safe right now: the broker is publishable, or the spool has room."""
         return self.publisher.ready or self.spool.has_room
 
-    async def dispatch(self, envelopes: Sequence[Envelope]) -> Dispatched:
-        """Return once every envelope is confirmed or spooled; raise SpoolFull/SpoolError if neither."""
+    async def dispatch(self, envelopes: Sequence[Envelope], *, share: float | None = None) -> Dispatched:
+        """Return once every envelope is confirmed or spooled; raise SpoolFull/SpoolError if neither.
+
+        *share*: events made on request may be spooled only within this share of the spool (the
+        recall gateway's), so they never take the room a callback needs."""
         pending: Sequence[Envelope] = envelopes
         failure: PublishFailed | None = None
         direct = not self.spool.backlog and self.publisher.ready
@@ -52,7 +55,7 @@ class Dispatcher:
         elif not self.publisher.ready:
             failure = PublishFailed("disconnected", "broker not ready")
         try:
-            await self._spool(pending)
+            await self._spool(pending, share)
         except SpoolError:
             if direct or not self.publisher.ready:
                 raise
@@ -86,10 +89,10 @@ class Dispatcher:
                 first = result if isinstance(result, PublishFailed) else PublishFailed("error", repr(result)[:200])
         return failed, first
 
-    async def _spool(self, envelopes: Sequence[Envelope]) -> None:
+    async def _spool(self, envelopes: Sequence[Envelope], share: float | None = None) -> None:
         started = time.perf_counter()
         try:
-            await self.spool.put(envelopes)
+            await self.spool.put(envelopes, share=share)
         except SpoolFull:
             self._metrics.spool_write_failures.labels("full").inc()
             raise

@@ -1,4 +1,4 @@
-"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v3.json) and its AMQP envelope.
+"""The ``message.revoked`` event (contract: docs/events.md, relay/schema/event.v4.json) and its AMQP envelope.
 
 Pure data: no I/O, no event loop. An :class:`Envelope` is everything the publisher and the spool
 need, so a spooled event is republished with exactly the bytes and properties of a direct publish.
@@ -15,9 +15,10 @@ from typing import Literal
 import orjson
 
 # Version 2 added enrichment, sentAt and evidence; version 3 added provider (tencent, matrix),
-# recallRequest and the moderator role (docs/events.md, "Versions"). Nothing was removed or changed in type, so an older
-# consumer that ignores unknown fields keeps working.
-EVENT_VERSION = 3
+# recallRequest and the moderator role; version 4 added operator.assertedBy / operator.verifiedBy
+# (who vouches for a moderator) (docs/events.md, "Versions"). Nothing was removed or changed in
+# type, so an older consumer that ignores unknown fields keeps working.
+EVENT_VERSION = 4
 EVENT_TYPE = "message.revoked"
 CLOUDEVENTS_TYPE = "im.message.revoked"
 APP_ID = "revoke-relay"
@@ -68,8 +69,22 @@ def rfc3339_ms(epoch_ms: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Operator:
+    """Who recalled. For a moderator (a recall-gateway request), who vouches for the ID: the API
+    key that asserted it, or the issuer whose token verified it; both None otherwise (the
+    operator is what the provider's callback reports)."""
+
     user_id: str | None
     role: Role
+    asserted_by: str | None = None
+    verified_by: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "userID": self.user_id,
+            "role": self.role,
+            "assertedBy": self.asserted_by,
+            "verifiedBy": self.verified_by,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +168,7 @@ class RevokeEvent:
             "msgKey": self.msg_key,
             "msgSeq": self.msg_seq,
             "clientMsgID": self.client_msg_id,
-            "operator": {"userID": self.operator.user_id, "role": self.operator.role},
+            "operator": self.operator.to_dict(),
             "reason": self.reason,
             "sender": self.sender,
             "conversation": {

@@ -33,17 +33,29 @@ RECALL_OUTCOMES = (
     "invalid_body",
     "invalid_request",
     "unauthorized",
+    "rate_limited",
     "body_too_large",
-    "app_not_configured",
+    "body_timeout",
+    "unsupported_encoding",
+    "app_not_allowed",
+    "conversation_not_allowed",
+    "moderator_not_allowed",
+    "moderator_token_invalid",
+    "moderator_token_required",
+    "moderator_keys_unavailable",
     "request_id_conflict",
     "request_in_progress",
+    "recall_pending",
     "store_unavailable",
+    "store_full",
     "spool_full",
     "spool_unavailable",
     "tencent_unreachable",
     "tencent_timeout",
     "tencent_busy",
 )
+# Why a command-queue message was refused before it reached the service (docs/recall-gateway.md).
+COMMAND_REFUSALS = ("no_user_id", "unknown_caller", "reply_to_not_allowed")
 CONVERSATION_TYPES = ("c2c", "group", "official_account")
 # Fields that may be reported as anomalies (see normalize); anything else is "other".
 ANOMALY_FIELDS = ("EventTime", "Reason", "RecallReason", "TopicId", "Type", "Operator_Account", "MsgId")
@@ -321,6 +333,23 @@ class Metrics:
             ["status"],
             registry=registry,
         )
+        self.api_connections_refused = Counter(
+            "relay_api_connections_refused_total",
+            "Connections to the recall API closed at once because RELAY_API_MAX_CONNECTIONS were open.",
+            registry=registry,
+        )
+        self.command_consumer_up = Gauge(
+            "relay_command_consumer_up",
+            "1 while the command-queue consumer is consuming RELAY_COMMAND_QUEUE, else 0 (it retries with backoff).",
+            registry=registry,
+        )
+        self.command_refusals = Counter(
+            "relay_command_refusals_total",
+            "Command-queue messages dead-lettered before they reached the service, by reason: no_user_id,"
+            " unknown_caller (a user_id no key's amqp_user names), reply_to_not_allowed.",
+            ["reason"],
+            registry=registry,
+        )
         self.broker_connects = Counter(
             "relay_broker_connects_total",
             "Successful connections (first and re-connections) to RabbitMQ.",
@@ -351,6 +380,11 @@ class Metrics:
             "relay_matrix_events_total",
             "Events in accepted Matrix transactions: redaction (published), message (recorded), other, invalid.",
             ["kind"],
+            registry=registry,
+        )
+        self.matrix_txn_reused = Counter(
+            "relay_matrix_txn_reused_total",
+            "Matrix transactions whose txnId was answered before with a different body (handled again).",
             registry=registry,
         )
         self.broker_failovers = Counter(
@@ -385,6 +419,8 @@ class Metrics:
                 self.recall_requests.labels(via, outcome)
         for status in RECALL_STATUSES:
             self.recall_messages.labels(status)
+        for reason in COMMAND_REFUSALS:
+            self.command_refusals.labels(reason)
         for result in JOIN_RESULTS:
             self.recall_joins.labels(result)
         for op in STORE_OPS:

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 from relay.access import Network, parse_networks
 from relay.endpoints import Endpoint, EndpointError, parse_endpoints, redact
 from relay.errors import ConfigError
+from relay.gateway.keys import ApiKey, check_keys, legacy_keys, load_keys
+from relay.gateway.moderators import load_jwks_file
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # AMQP 0-9-1 exchange/queue name domain (what the protocol codec enforces), at most 127 chars.
@@ -79,9 +81,20 @@ class Settings:
     workers: int = 1
     # -- recall gateway (docs/recall-gateway.md) --
     audit_queues: tuple[str, ...] = ()
-    # caller NAME -> its API tokens (several during a rotation). Never printed.
+    # caller NAME -> its API tokens (several during a rotation), unscoped. Never printed.
     api_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # RELAY_API_KEYS_FILE, and the scoped keys read from it at start (docs/recall-gateway.md).
+    api_keys_file: Path | None = None
+    api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
+    api_host: str = "127.0.0.1"  # the API asks Tencent to delete messages: not on every interface by default
     api_port: int = 8081
+    api_max_connections: int = 256
+    # Moderator ID tokens (JWT): the issuer's keys from a file or a URL, and what the token must say.
+    api_jwks_file: Path | None = None
+    api_jwks_url: str | None = None
+    api_jwt_issuer: str | None = None
+    api_jwt_audience: str | None = None
+    api_jwt_claim: str = "sub"
     tencent_api_url: str = "https://console.tim.qq.com"
     tencent_admin: str = "administrator"
     # SdkAppid -> the console's secret key. Never printed, logged or put in an event.
@@ -89,7 +102,10 @@ class Settings:
     tencent_rate: float = 150.0
     tencent_timeout: float = 5.0
     recall_ttl: int = 24 * 3600
+    recall_join_ttl: int = 600
+    spool_gateway_share: float = 0.25
     command_queue: str | None = None
+    command_reply_prefix: str | None = None
     # Matrix application service (docs/matrix.md): its routes exist only while matrix_hs_token is
     # set. The AS token is ours, only printed into the registration. Never printed otherwise.
     matrix_hs_token: str | None = field(default=None, repr=False)
@@ -101,6 +117,7 @@ class Settings:
         tokens = {app: "***" for app in self.callback_tokens}
         redis = redact_url(self.redis_url) if self.redis_url else None
         api_tokens = {name: "***" for name in self.api_tokens}
+        api_keys = [key.name for key in self.api_keys]
         keys = {app: "***" for app in self.tencent_secret_keys}
         matrix = "".join(
             f", {name}='***'"
@@ -109,7 +126,8 @@ class Settings:
         )
         return (
             f"Settings(amqp_url={redact(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
-            f"redis_url={redis!r}, api_tokens={api_tokens!r}, tencent_secret_keys={keys!r}{matrix})"
+            f"redis_url={redis!r}, api_tokens={api_tokens!r}, api_keys={api_keys!r}, tencent_secret_keys={keys!r}"
+            f"{matrix})"
         )
 
     @property
@@ -124,8 +142,18 @@ class Settings:
 
     @property
     def gateway(self) -> bool:
-        """The recall gateway is on: an API token or a command queue is configured."""
-        return bool(self.api_tokens) or self.command_queue is not None
+        """The recall gateway is on: an API token or key, or a command queue is configured."""
+        return bool(self.api_tokens) or bool(self.api_keys) or self.command_queue is not None
+
+    @property
+    def all_api_keys(self) -> tuple[ApiKey, ...]:
+        """Every caller: the keys file's scoped keys and ``RELAY_API_TOKENS``' unscoped ones."""
+        return self.api_keys + legacy_keys(self.api_tokens)
+
+    @property
+    def api(self) -> bool:
+        """``POST /v1/recalls`` is served (some key can call it)."""
+        return bool(self.api_tokens) or bool(self.api_keys)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, require_apps: bool = True) -> Settings:
@@ -195,14 +223,13 @@ class Settings:
         values["sdkappids"] = frozenset(a for a in apps if a.isdigit())
 
         tokens: dict[str, list[str]] = {}
-        for pair in _split(get("RELAY_CALLBACK_TOKENS")):
+        pairs = _split(get("RELAY_CALLBACK_TOKENS"))
+        for position, pair in enumerate(pairs, start=1):
             app, sep, token = pair.partition("=")
             app, token = app.strip(), token.strip()
             if not sep or not app.isdigit() or not token:
-                # Name the app part only: the token itself is a secret.
-                problems.append(
-                    f"RELAY_CALLBACK_TOKENS: expected SDKAPPID=TOKEN pairs, got a malformed pair for {app[:20]!r}"
-                )
+                # By position only: a pair without "=" may be a bare token, a secret.
+                problems.append(_pair_problem("RELAY_CALLBACK_TOKENS", position, len(pairs), "SDKAPPID=TOKEN"))
                 continue
             tokens.setdefault(app, [])
             if token not in tokens[app]:
@@ -310,13 +337,23 @@ def _gateway_from_env(
     """The recall gateway's RELAY_API_* / RELAY_TENCENT_* / RELAY_RECALL_* / RELAY_COMMAND_QUEUE settings."""
     tokens: dict[str, list[str]] = {}
     owner: dict[str, str] = {}
-    for pair in _split(get("RELAY_API_TOKENS")):
+    pairs = _split(get("RELAY_API_TOKENS"))
+    for position, pair in enumerate(pairs, start=1):
         name, sep, token = (part.strip() for part in pair.partition("="))
-        if not sep or not _API_NAME.fullmatch(name) or len(token) < _MIN_API_TOKEN:
-            # Name the caller only: the token itself is a secret.
+        # By position only: a pair without "=" may be a bare token, a secret.
+        if not sep:
+            problems.append(_pair_problem("RELAY_API_TOKENS", position, len(pairs), "NAME=TOKEN"))
+            continue
+        if not _API_NAME.fullmatch(name):
             problems.append(
-                f"RELAY_API_TOKENS: expected NAME=TOKEN pairs (NAME: A-Z a-z 0-9 _ . -, TOKEN: at least "
-                f"{_MIN_API_TOKEN} characters), got a malformed pair for {name[:20]!r}"
+                _pair_problem("RELAY_API_TOKENS", position, len(pairs), "NAME=TOKEN")
+                + ": the NAME may hold only A-Z a-z 0-9 _ . - (at most 64)"
+            )
+            continue
+        if len(token) < _MIN_API_TOKEN:
+            problems.append(
+                f"RELAY_API_TOKENS: the token of {name!r} (pair {position} of {len(pairs)}) is shorter than"
+                f" {_MIN_API_TOKEN} characters"
             )
             continue
         if owner.setdefault(token, name) != name:
@@ -326,7 +363,11 @@ def _gateway_from_env(
         if token not in tokens[name]:
             tokens[name].append(token)
     values["api_tokens"] = {name: tuple(ts) for name, ts in tokens.items()}
+    api_host = get("RELAY_API_HOST")
+    if api_host is not None:
+        values["api_host"] = api_host
     number("RELAY_API_PORT", "api_port", int, 0, 65535)
+    number("RELAY_API_MAX_CONNECTIONS", "api_max_connections", int, 1, 100_000)
 
     url = get("RELAY_TENCENT_API_URL")
     if url is not None:
@@ -339,12 +380,11 @@ def _gateway_from_env(
     if admin is not None:
         values["tencent_admin"] = admin
     keys: dict[str, str] = {}
-    for pair in _split(get("RELAY_TENCENT_SECRET_KEYS")):
+    pairs = _split(get("RELAY_TENCENT_SECRET_KEYS"))
+    for position, pair in enumerate(pairs, start=1):
         app, sep, key = (part.strip() for part in pair.partition("="))
         if not sep or not app.isdigit() or not key:
-            problems.append(
-                f"RELAY_TENCENT_SECRET_KEYS: expected SDKAPPID=KEY pairs, got a malformed pair for {app[:20]!r}"
-            )
+            problems.append(_pair_problem("RELAY_TENCENT_SECRET_KEYS", position, len(pairs), "SDKAPPID=KEY"))
         elif app in keys:
             problems.append(f"RELAY_TENCENT_SECRET_KEYS: app {app} is listed twice")
         else:
@@ -359,12 +399,96 @@ def _gateway_from_env(
             f"RELAY_TENCENT_SECRET_KEYS: app(s) {', '.join(strays)} not in RELAY_SDKAPPIDS or RELAY_CALLBACK_TOKENS:"
             " their recall callbacks would be refused and never joined to a request"
         )
+    unsigned = sorted(app for app in keys if app not in cast(Mapping[str, object], values.get("callback_tokens", {})))
+    if unsigned:
+        # A gateway request's join record would attribute a callback anyone could forge unsigned.
+        problems.append(
+            f"RELAY_TENCENT_SECRET_KEYS: app(s) {', '.join(unsigned)} have a secret key but no callback token in"
+            " RELAY_CALLBACK_TOKENS: their recall callbacks cannot be told from forgeries, so none may be joined"
+            " to a request"
+        )
     number("RELAY_TENCENT_RATE", "tencent_rate", float, 1, 200)
     number("RELAY_TENCENT_TIMEOUT", "tencent_timeout", float, 0.1, 60)
     number("RELAY_RECALL_TTL", "recall_ttl", int, 60, 30 * 24 * 3600)
-    queue = get("RELAY_COMMAND_QUEUE")
-    if queue is not None:
+    number("RELAY_RECALL_JOIN_TTL", "recall_join_ttl", int, 30, 24 * 3600)
+    number("RELAY_SPOOL_GATEWAY_SHARE", "spool_gateway_share", float, 0.0, 1.0)
+    for name, key in (("RELAY_COMMAND_QUEUE", "command_queue"), ("RELAY_COMMAND_REPLY_PREFIX", "command_reply_prefix")):
+        queue = get(name)
+        if queue is None:
+            continue
         if queue.startswith("amq.") or not _AMQP_NAME.fullmatch(queue):
-            problems.append(f"RELAY_COMMAND_QUEUE: {queue!r} is reserved, too long or {_NAME_RULE}")
+            problems.append(f"{name}: {queue!r} is reserved, too long or {_NAME_RULE}")
         else:
-            values["command_queue"] = queue
+            values[key] = queue
+    _api_keys_from_env(get, values, problems, keys)
+    _jwt_from_env(get, values, problems)
+
+
+def _pair_problem(setting: str, position: int, count: int, shape: str) -> str:
+    """A malformed pair named by its position only: its text may be a secret."""
+    return f"{setting}: pair {position} of {count} is malformed (expected {shape})"
+
+
+def _api_keys_from_env(
+    get: Callable[[str], str | None], values: dict[str, object], problems: list[str], secret_keys: Mapping[str, str]
+) -> None:
+    """RELAY_API_KEYS_FILE, checked against the secret keys, the legacy tokens and the command queue."""
+    path = get("RELAY_API_KEYS_FILE")
+    scoped: tuple[ApiKey, ...] = ()
+    if path is not None:
+        values["api_keys_file"] = Path(path)
+        try:
+            scoped = load_keys(Path(path))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        values["api_keys"] = scoped
+    legacy = legacy_keys(cast(Mapping[str, tuple[str, ...]], values.get("api_tokens", {})))
+    problems.extend(
+        p.replace("RELAY_API_KEYS_FILE", "RELAY_API_KEYS_FILE / RELAY_API_TOKENS")
+        for p in check_keys((*scoped, *legacy), secret_keys)
+    )
+    if values.get("command_queue") is not None and not any(k.amqp_user for k in scoped) and path is not None:
+        problems.append(
+            "RELAY_COMMAND_QUEUE: no key in RELAY_API_KEYS_FILE has an amqp_user, so every command would be refused"
+        )
+    elif values.get("command_queue") is not None and path is None:
+        problems.append(
+            "RELAY_COMMAND_QUEUE: needs RELAY_API_KEYS_FILE with a key whose amqp_user names the RabbitMQ user"
+            " that publishes commands (the command queue accepts only callers it can name)"
+        )
+
+
+def _jwt_from_env(get: Callable[[str], str | None], values: dict[str, object], problems: list[str]) -> None:
+    """RELAY_API_JWKS_FILE or RELAY_API_JWKS_URL, with the issuer, audience and claim moderator tokens need."""
+    jwks_file, jwks_url = get("RELAY_API_JWKS_FILE"), get("RELAY_API_JWKS_URL")
+    names = ("RELAY_API_JWT_ISSUER", "RELAY_API_JWT_AUDIENCE", "RELAY_API_JWT_CLAIM")
+    if jwks_file is None and jwks_url is None:
+        for name in names:
+            if get(name) is not None:
+                problems.append(f"{name}: set RELAY_API_JWKS_FILE or RELAY_API_JWKS_URL too")
+        return
+    if jwks_file is not None and jwks_url is not None:
+        problems.append("RELAY_API_JWKS_URL: set it or RELAY_API_JWKS_FILE, not both")
+        return
+    if jwks_file is not None:
+        values["api_jwks_file"] = Path(jwks_file)
+        try:
+            load_jwks_file(Path(jwks_file))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if jwks_url is not None:
+        parts = urlsplit(jwks_url)
+        loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+        if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+            problems.append(f"RELAY_API_JWKS_URL: expected an https:// URL, got {redact_url(jwks_url)!r}")
+        else:
+            values["api_jwks_url"] = jwks_url
+    for name, key in zip(names[:2], ("api_jwt_issuer", "api_jwt_audience"), strict=True):
+        raw = get(name)
+        if raw is None:
+            problems.append(f"{name}: required with a JWKS (a token is only checked against one issuer and audience)")
+        else:
+            values[key] = raw
+    claim = get("RELAY_API_JWT_CLAIM")
+    if claim is not None:
+        values["api_jwt_claim"] = claim

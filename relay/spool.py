@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from relay.errors import SpoolError, SpoolFull
-from relay.events import Envelope
+from relay.events import EVENT_TYPE, Envelope
 
 log = structlog.get_logger()
 
@@ -53,7 +53,16 @@ CREATE TABLE IF NOT EXISTS events (
     size INTEGER NOT NULL
 )
 """
+_REVOKED_PREFIX = EVENT_TYPE + "."
 _COLUMNS = "seq, event_id, routing_key, body, amqp_timestamp, source, subject, time, conversation_key, spooled_at, size"
+
+
+def is_request_event(routing_key: str) -> bool:
+    """An event the relay publishes because a caller asked for something (the recall gateway's
+    audit events), rather than one a provider's callback reported (``message.revoked``). Such
+    events may take only ``RELAY_SPOOL_GATEWAY_SHARE`` of the spool, so callbacks, which are
+    never retried, always find room."""
+    return not routing_key.startswith(_REVOKED_PREFIX)
 
 
 def envelope_size(envelope: Envelope) -> int:
@@ -96,6 +105,7 @@ class SpoolStore:
         self.max_bytes = max_bytes
         self.events = 0
         self.bytes = 0
+        self.request_bytes = 0  # of which events made on request (is_request_event)
         self.oldest_spooled_at: float | None = None
         self.commits = 0  # write transactions committed (each one fsync): shows group-commit batching
         self._db: sqlite3.Connection | None = None
@@ -122,6 +132,11 @@ class SpoolStore:
         self._db = db
         events, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM events").fetchone()
         self.events, self.bytes = int(events), int(size)
+        (requested,) = db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM events WHERE substr(routing_key, 1, ?) != ?",
+            (len(_REVOKED_PREFIX), _REVOKED_PREFIX),
+        ).fetchone()
+        self.request_bytes = int(requested)
         self._refresh_oldest()
 
     def close(self) -> None:
@@ -162,10 +177,12 @@ class SpoolStore:
             rows,
         )
         added = sum(row[-1] for row in rows)
+        requested = sum(row[-1] for row in rows if is_request_event(row[1]))
 
         def committed() -> None:
             self.events += len(rows)
             self.bytes += added
+            self.request_bytes += requested
             if self.oldest_spooled_at is None:
                 self.oldest_spooled_at = now
 
@@ -175,15 +192,19 @@ class SpoolStore:
         """Stage the deletion of rows by sequence number (missing rows are ignored)."""
         removed = 0
         freed = 0
+        freed_requested = 0
         for seq in seqs:
-            row = db.execute("DELETE FROM events WHERE seq = ? RETURNING size", (seq,)).fetchone()
+            row = db.execute("DELETE FROM events WHERE seq = ? RETURNING size, routing_key", (seq,)).fetchone()
             if row is not None:
                 removed += 1
                 freed += int(row[0])
+                if is_request_event(row[1]):
+                    freed_requested += int(row[0])
 
         def committed() -> None:
             self.events -= removed
             self.bytes -= freed
+            self.request_bytes -= freed_requested
             self._refresh_oldest()
 
         return removed, committed
@@ -276,6 +297,7 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserved = 0
+        self._reserved_requested = 0
         self._pending = 0
         self.available = False
         self.last_error: str | None = None
@@ -358,8 +380,11 @@ class Spool:
 
     # -- operations ----------------------------------------------------------------------------
 
-    async def put(self, envelopes: Sequence[Envelope]) -> None:
-        """Return once *envelopes* are committed and fsync'd; raise SpoolFull or SpoolError otherwise."""
+    async def put(self, envelopes: Sequence[Envelope], *, share: float | None = None) -> None:
+        """Return once *envelopes* are committed and fsync'd; raise SpoolFull or SpoolError otherwise.
+
+        *share*: the events made on request (:func:`is_request_event`) among *envelopes* may bring
+        those in the spool to at most this fraction of its budget."""
         if not self.available:
             if time.monotonic() - self._last_open_attempt >= _REOPEN_INTERVAL:
                 await self._try_open()
@@ -368,7 +393,15 @@ class Spool:
         size = sum(envelope_size(e) for e in envelopes)
         if self.store.bytes + self._reserved + size > self.max_bytes:
             raise SpoolFull(f"spool holds {self.store.bytes} of {self.max_bytes} bytes")
+        requested = sum(envelope_size(e) for e in envelopes if is_request_event(e.routing_key))
+        if share is not None and requested:
+            held = self.store.request_bytes + self._reserved_requested
+            if held + requested > share * self.max_bytes:
+                raise SpoolFull(
+                    f"events made on request hold {held} bytes, their share is {share:g} of {self.max_bytes}"
+                )
         self._reserved += size
+        self._reserved_requested += requested
         self._pending += 1
         now = self._clock()
         try:
@@ -381,6 +414,7 @@ class Spool:
             raise SpoolError(str(exc)) from exc
         finally:
             self._reserved -= size
+            self._reserved_requested -= requested
             self._pending -= 1
         self.nonempty.set()
 

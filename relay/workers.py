@@ -51,7 +51,7 @@ def socket_path(port: int, index: int) -> Path:
 
 
 def supervise(count: int, argv: list[str]) -> int:
-    """Run *count* workers until SIGTERM/SIGINT; restart any that exits on its own."""
+    """Run *count* workers until SIGTERM/SIGINT; restart any that exits on its own; pass SIGHUP on."""
     workers: dict[int, subprocess.Popen[bytes]] = {}
     stop_signal: int | None = None
     signalled: set[int] = set()  # PIDs the stop signal was forwarded to
@@ -72,8 +72,15 @@ def supervise(count: int, argv: list[str]) -> int:
         stop_signal = signum
         forward()
 
+    def reload(signum: int, _: object) -> None:
+        # SIGHUP (credentials reload) goes to every running worker; the supervisor holds none.
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(count):
         start(index)
     log.info("relay.workers_started", workers=count, pids=[p.pid for p in workers.values()])

@@ -45,7 +45,7 @@ def load_schema(name: str) -> dict[str, Any]:
     return loaded
 
 
-EVENT_SCHEMA = load_schema("event.v3.json")
+EVENT_SCHEMA = load_schema("event.v4.json")
 _VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
 
 

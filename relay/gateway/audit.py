@@ -1,6 +1,6 @@
 """The recall gateway's audit events: ``message.recall_requested`` and ``message.recall_failed``.
 
-Contract: relay/schema/recall-audit.v1.json and docs/events.md ("Recall audit events"). Pure: a
+Contract: relay/schema/recall-audit.v2.json and docs/events.md ("Recall audit events"). Pure: a
 command and a target in, an :class:`~relay.events.Envelope` out, published like every event
 (persistent, confirmed, spooled when the broker is down). eventIDs are deterministic over the
 caller, the requestID, the message and the kind, so a request carried out again after a crash
@@ -15,10 +15,10 @@ from urllib.parse import quote
 import orjson
 
 from relay.events import Envelope, event_id, name_id, rfc3339_ms
-from relay.gateway.request import RecallCommand, Target
+from relay.gateway.request import Moderator, RecallCommand, Target
 from relay.tencent.normalize import group_server_key
 
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2: moderator.assertedBy / moderator.verifiedBy
 REQUESTED: Final = "message.recall_requested"
 FAILED: Final = "message.recall_failed"
 AuditKind = Literal["message.recall_requested", "message.recall_failed"]
@@ -47,6 +47,7 @@ def audit_envelope(
     target: Target,
     *,
     requested_by: str,
+    moderator: Moderator,
     requested_at_ms: int,
     at_ms: int,
     tencent_reason: str | None,
@@ -81,7 +82,7 @@ def audit_envelope(
         "revokedEventID": event_id(command.sdk_app_id, c.type, key),  # = revoked_event_id()
         "reason": command.reason,
         "tencentReason": tencent_reason,
-        "moderator": {"userID": command.moderator},
+        "moderator": moderator.to_dict(),
         "status": status,
         "tencentCode": tencent_code,
         "tencentInfo": tencent_info,

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from relay.gateway.text import cut_graphemes
+
 Status = Literal["recalled", "already_recalled", "not_found", "rejected", "failed"]
 STATUSES: tuple[Status, ...] = ("recalled", "already_recalled", "not_found", "rejected", "failed")
 
@@ -181,13 +183,10 @@ def read_answer(doc: object, item_field: Literal["MsgSeq", "MsgKey"] | None) -> 
 
 
 def cut_reason(reason: str, limit: int = 100) -> str:
-    """*reason* cut to at most *limit* UTF-8 **bytes**, on a character boundary (Tencent's ``Reason``
-    holds ≤ 100 bytes: ~33 CJK characters). The full text belongs in the relay's own events."""
-    data = reason.encode()
-    if len(data) <= limit:
-        return reason
-    # The source is valid UTF-8, so only the last character can be split: drop its partial bytes.
-    return data[:limit].decode(errors="ignore")
+    """*reason* cut to at most *limit* UTF-8 **bytes** (Tencent's ``Reason`` holds ≤ 100 bytes: ~33 CJK
+    characters), never between a letter and its accent or inside an emoji sequence. The full text
+    belongs in the relay's own events."""
+    return cut_graphemes(reason, limit)
 
 
 def check_batch(items: Iterable[object], limit: int = 10) -> None:

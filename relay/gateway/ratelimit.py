@@ -84,3 +84,12 @@ class TokenBucket:
         finally:
             self._waiting -= 1
         return self._clock() - start
+
+    def try_acquire(self) -> float:
+        """Take a token if one is free now and nobody is queued for one: return 0.0. Otherwise take
+        nothing and return the seconds a caller would wait (for a ``Retry-After``)."""
+        wait = self.expected_wait()
+        if wait > 0:
+            return wait
+        self._tokens -= 1
+        return 0.0

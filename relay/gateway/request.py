@@ -2,7 +2,8 @@
 
 Pure: bytes in, a :class:`RecallCommand` or :class:`InvalidRequest` naming every bad field out.
 Strict on purpose: an unknown field is an error (a typo such as ``moderater`` must not silently
-drop the moderator), and every message must be addressable for the conversation's type.
+drop the moderator), every message must be addressable for the conversation's type, and no text
+may carry control, bidirectional or (in IDs) invisible characters (relay.gateway.text).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Literal, cast
 import orjson
 
 from relay.errors import RelayError
+from relay.gateway.text import nfc, refusal
 
 MAX_MESSAGES = 100
 MAX_REASON_CHARS = 1000
 MAX_REQUEST_ID_CHARS = 128
 MAX_ID_CHARS = 256  # Tencent's UserID is at most 32 bytes, GroupId 48: this only bounds the input
+MAX_TOKEN_CHARS = 16384  # a moderator's ID token (a JWT): an RSA-4096 signature and a few claims fit
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=")
 ConversationKind = Literal["c2c", "group", "official_account"]
 _FIELDS = {"conversation", "messages", "reason", "moderator", "requestID", "sdkAppID"}
 _CONVERSATION_FIELDS: dict[str, dict[str, bool]] = {  # field -> required
@@ -96,17 +100,34 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class Moderator:
+    """The moderator a request names, settled: asserted by the caller's key, or verified by an issuer."""
+
+    user_id: str
+    asserted_by: str | None = None
+    verified_by: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"userID": self.user_id, "assertedBy": self.asserted_by, "verifiedBy": self.verified_by}
+
+
+@dataclass(frozen=True, slots=True)
 class RecallCommand:
-    """A validated recall request. ``fingerprint`` identifies its content, so a reused requestID
-    with another body is told apart from a retry."""
+    """A validated recall request. ``fingerprint`` identifies its content but the moderator (whose
+    identity is settled by the service: asserted or verified), so a reused requestID with another
+    body is told apart from a retry.
+
+    ``moderator``: the userID as sent (NFC), if any; ``moderator_token``: an ID token naming the
+    moderator, to be verified (relay.gateway.moderators). At least one of them is set."""
 
     request_id: str
     sdk_app_id: str
     conversation: Conversation
     messages: tuple[Target, ...]
     reason: str
-    moderator: str
+    moderator: str | None
     fingerprint: str = field(default="", compare=False)
+    moderator_token: str | None = field(default=None, repr=False)
 
 
 def parse_request(body: bytes, *, new_id: Callable[[], str]) -> RecallCommand:
@@ -142,8 +163,9 @@ class _Reader:
         if len(value) > limit:
             self.fail(path, "too_long", f"{name} is longer than {limit} characters")
             return None
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value) and name != "reason":
-            self.fail(path, "invalid", f"{name} contains control characters")
+        problem = refusal(value, identifier=name != "reason")
+        if problem is not None:
+            self.fail(path, "invalid", f"{name} {problem}")
             return None
         return value
 
@@ -169,12 +191,14 @@ class _Reader:
         moderator = self.moderator(data.get("moderator"))
         if self.errors or app is None or conversation is None or reason is None or moderator is None:
             raise InvalidRequest("invalid_request", self.errors)
+        reason = nfc(reason)
         fingerprint = hashlib.sha256(
-            orjson.dumps(
-                [app, conversation.to_dict(), [list(t.given) for t in messages], reason, moderator],
-            )
+            orjson.dumps([app, conversation.to_dict(), [list(t.given) for t in messages], reason])
         ).hexdigest()
-        return RecallCommand(request_id or new_id(), app, conversation, tuple(messages), reason, moderator, fingerprint)
+        user_id, token = moderator
+        return RecallCommand(
+            request_id or new_id(), app, conversation, tuple(messages), reason, user_id, fingerprint, token
+        )
 
     def conversation(self, raw: object) -> Conversation | None:
         if raw is None:
@@ -251,12 +275,29 @@ class _Reader:
             return Target(("msgKey", text), msg_key=text)
         return Target(("msgID", text), client_msg_id=text)
 
-    def moderator(self, raw: object) -> str | None:
+    def moderator(self, raw: object) -> tuple[str | None, str | None] | None:
+        """``{"userID"}`` (asserted by the caller's key), ``{"token"}`` (an ID token to verify), or both
+        (then they must name the same person: the service checks)."""
         if raw is None:
             self.fail("moderator", "required", "moderator is required")
             return None
         if not isinstance(raw, dict):
-            self.fail("moderator", "invalid", "moderator must be an object with userID")
+            self.fail("moderator", "invalid", "moderator must be an object with userID and/or token")
             return None
-        self.unknown(raw, {"userID"}, "moderator.")
-        return self.text(raw, "userID", "moderator.userID", MAX_ID_CHARS)
+        self.unknown(raw, {"userID", "token"}, "moderator.")
+        if raw.get("userID") is None and raw.get("token") is None:
+            self.fail("moderator.userID", "required", "moderator needs a userID, a token, or both")
+            return None
+        user_id = self.text(raw, "userID", "moderator.userID", MAX_ID_CHARS, required=False)
+        token = raw.get("token")
+        if token is not None and not (
+            isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_CHARS and set(token) <= _TOKEN_CHARS
+        ):
+            # Never echoed: a token is a credential.
+            self.fail(
+                "moderator.token", "invalid", f"token must be a compact JWT of at most {MAX_TOKEN_CHARS} characters"
+            )
+            return None
+        if raw.get("userID") is not None and user_id is None:
+            return None
+        return (None if user_id is None else nfc(user_id)), token

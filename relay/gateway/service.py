@@ -1,20 +1,27 @@
-"""Carrying out a recall request: idempotency, the join records, audit events, Tencent's REST calls.
+"""Carrying out a recall request: scope, the moderator, idempotency, join records, audit events, Tencent.
 
 The order matters (docs/recall-gateway.md):
-1. claim the requestID (a lease in the correlation store), so a retry or a concurrent duplicate
-   never calls Tencent twice;
-2. write one recall record per message **before** calling Tencent: Tencent's recall callback can
-   arrive before its HTTP answer, and the callback is joined to this record;
-3. make ``message.recall_requested`` safe (confirmed or spooled) — no audit trail, no recall;
-4. call Tencent (C2C one message per call, concurrently; group and official account in batches
-   of 10), publish ``message.recall_failed`` for what it refused or could not be reached for;
-5. keep the answer under the requestID, so the same request again gets it without a call.
+1. the caller's key must cover the app and the conversation type, and the moderator must be one
+   the key may name: asserted by the key, or verified from an ID token;
+2. claim the requestID (a lease in the correlation store that outlives the longest call to
+   Tencent), so a retry or a concurrent duplicate never calls Tencent twice;
+3. write the request's attribution once and one join record per message pointing to it,
+   **before** calling Tencent (its callback can arrive before its HTTP answer); a message another
+   request is carrying out is refused, so no request can take over another's attribution;
+4. make ``message.recall_requested`` safe (confirmed or spooled, within the gateway's share of the
+   spool) — no audit trail, no recall;
+5. call Tencent (C2C one message per call, concurrently; group and official account in batches
+   of 10), publish ``message.recall_failed`` for what it refused or could not be reached for, and
+   delete the join record of every message Tencent did not recall now, so no later recall by
+   someone else can be attributed to this request;
+6. keep the answer under the requestID, so the same request again gets it without a call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,20 +31,24 @@ from urllib.parse import quote
 import orjson
 import structlog
 
-from relay.correlation import CorrelationStore, StoreError, encode_request_record, msg_id_key, recall_key
+from relay.correlation import Attribution, CorrelationStore, StoreError, StoreFull, msg_id_key, recall_key
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError, SpoolFull
 from relay.events import Envelope, RecallRequest
 from relay.gateway.audit import FAILED, REQUESTED, AuditKind, audit_envelope, revoked_event_id
+from relay.gateway.keys import ApiKey
+from relay.gateway.moderators import KeysUnavailable, TokenRefused, Verifier
 from relay.gateway.outcomes import NO_CODE, Outcome, cut_reason
-from relay.gateway.request import FieldError, RecallCommand, Target
+from relay.gateway.request import FieldError, Moderator, RecallCommand, Target
 from relay.gateway.tencent_api import TencentUnreachable
 from relay.metrics import Metrics
 
 log = structlog.get_logger()
 
 BATCH = 10  # Tencent's limit per group / official-account recall call
-LEASE_SECONDS = 120.0  # a claimed requestID not answered by then may be carried out again
+# The lease on a requestID outlives the longest call to Tencent by this much: the store writes, the
+# audit events (a publish timeout, then the spool) before the call, the failure events after it.
+LEASE_MARGIN = 30.0
 _FAILED_STATUSES = frozenset({"not_found", "rejected", "failed"})
 
 
@@ -45,6 +56,11 @@ class Recaller(Protocol):
     """Tencent's three recall APIs (relay.gateway.tencent_api.TencentApi, or a test double)."""
 
     def has_key(self, app: str) -> bool: ...
+
+    @property
+    def longest_call(self) -> float:
+        """Seconds one recall call may take at most, its retries and rate-limit waits included."""
+        ...
 
     async def recall_c2c(self, app: str, sender: str, receiver: str, msg_key: str) -> Outcome: ...
 
@@ -64,7 +80,7 @@ class Answer:
     status: int
     body: dict[str, object]
     replayed: bool = False  # the stored answer to an earlier identical request
-    retry_after: bool = False
+    retry_after: float | None = None  # seconds, when trying again later can succeed
 
     @property
     def code(self) -> str:
@@ -80,12 +96,20 @@ def error(
     *,
     fields: Sequence[FieldError] = (),
     extra: Mapping[str, object] | None = None,
+    retry_after: float | None = None,
 ) -> Answer:
-    """An error answer: ``{"error": {"code", "message", "fields"?}, …extra}``."""
+    """An error answer: ``{"error": {"code", "message", "fields"?}, …extra}``. A 503 may be retried
+    after a second unless *retry_after* says otherwise; other codes only with *retry_after*."""
     detail: dict[str, object] = {"code": code, "message": message}
     if fields:
         detail["fields"] = [f.to_dict() for f in fields]
-    return Answer(status, {"error": detail, **(extra or {})}, retry_after=status in (409, 503))
+    if retry_after is None and status == 503:
+        retry_after = 1.0
+    return Answer(status, {"error": detail, **(extra or {})}, retry_after=retry_after)
+
+
+def in_progress() -> Answer:
+    return error(409, "request_in_progress", "this requestID is being carried out; retry shortly", retry_after=1.0)
 
 
 @dataclass(slots=True)
@@ -106,50 +130,68 @@ class RecallService:
         metrics: Metrics,
         *,
         record_ttl: float,
+        join_ttl: float = 600.0,
+        spool_share: float | None = None,
+        verifier: Verifier | None = None,
         clock: Callable[[], float] = time.time,
-        lease: float = LEASE_SECONDS,
+        lease: float | None = None,
     ) -> None:
         self.recaller = recaller
         self.store = store
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.record_ttl = record_ttl
+        self.join_ttl = join_ttl
+        self.spool_share = spool_share
+        self.verifier = verifier
         self.clock = clock
-        self.lease = lease
+        self._lease = lease
 
-    async def submit(self, command: RecallCommand, requested_by: str, *, take_over: bool = False) -> Answer:
-        """Carry out *command* for the caller *requested_by*; never raises for a bad request.
+    @property
+    def lease(self) -> float:
+        """Seconds a claimed requestID stays claimed: longer than the whole request can take, so it
+        never expires under a request still being carried out (a retry would then call Tencent again)."""
+        return self._lease if self._lease is not None else self.recaller.longest_call + LEASE_MARGIN
 
-        *take_over*: a redelivered command message. RabbitMQ redelivers only once the consumer
-        that had it is gone, so a lease still held on its requestID is that dead consumer's."""
+    async def submit(self, command: RecallCommand, caller: ApiKey, via: str) -> Answer:
+        """Carry out *command* for *caller* (who came in *via* ``api`` or ``amqp``); never raises
+        for a bad request. A redelivered command waits for the lease like any duplicate."""
         started = time.perf_counter()
         try:
-            answer = await self._submit(command, requested_by, take_over)
+            answer = await self._submit(command, caller)
+        except StoreFull as exc:
+            log.error("relay.recall_store_full", request_id=command.request_id, error=str(exc)[:300])
+            answer = error(503, "store_full", "the embedded correlation store is full of unexpired records")
         except StoreError as exc:
             log.error("relay.recall_store_unavailable", request_id=command.request_id, error=str(exc)[:300])
             answer = error(503, "store_unavailable", "the correlation store cannot be reached; retry later")
-        via = "amqp" if requested_by == "amqp" else "api"
         self.metrics.recall_requests.labels(via, "replayed" if answer.replayed else answer.code).inc()
         self.metrics.recall_request_seconds.observe(time.perf_counter() - started)
         return answer
 
-    async def _submit(self, command: RecallCommand, requested_by: str, take_over: bool) -> Answer:
-        if not self.recaller.has_key(command.sdk_app_id):
-            return error(403, "app_not_configured", "no secret key for this sdkAppID (RELAY_TENCENT_SECRET_KEYS)")
+    async def _submit(self, command: RecallCommand, caller: ApiKey) -> Answer:
+        refusal = self._scope(command, caller)
+        if refusal is not None:
+            return refusal
+        moderator = await self._moderator(command, caller)
+        if isinstance(moderator, Answer):
+            return moderator
         command, problems = await self._resolve(command)
         if problems:
             return error(400, "invalid_request", "some messages cannot be recalled", fields=problems)
-        ledger = "request:" + quote(requested_by, safe="") + "/" + quote(command.request_id, safe="")
-        earlier = await self._claim(ledger, command, take_over)
+        name = quote(caller.name, safe="") + "/" + quote(command.request_id, safe="")
+        fingerprint = hashlib.sha256(orjson.dumps([command.fingerprint, moderator.to_dict()])).hexdigest()
+        ledger = "request:" + name
+        earlier = await self._claim(ledger, command.request_id, fingerprint)
         if earlier is not None:
             return earlier
         try:
-            answer = await self._carry_out(command, requested_by)
+            answer = await self._carry_out(command, caller, moderator, "attribution:" + name)
         except BaseException:
             await self._release(ledger)
             raise
         if answer.status == 200:
-            record = orjson.dumps({"state": "done", "fp": command.fingerprint, "body": answer.body})
+            record = orjson.dumps({"state": "done", "fp": fingerprint, "body": answer.body})
             try:
                 await self.store.put([(ledger, record)], self.record_ttl)
             except StoreError as exc:
@@ -160,9 +202,50 @@ class RecallService:
             await self._release(ledger)
         return answer
 
-    async def _claim(self, ledger: str, command: RecallCommand, take_over: bool) -> Answer | None:
+    def _scope(self, command: RecallCommand, caller: ApiKey) -> Answer | None:
+        """403 for an app or conversation type outside the key. An app the relay has no secret key
+        for gets the same answer as one the key does not cover: the answer lists no apps."""
+        if not caller.allows_app(command.sdk_app_id) or not self.recaller.has_key(command.sdk_app_id):
+            return error(403, "app_not_allowed", "this key may not recall messages of this sdkAppID")
+        if command.conversation.type not in caller.conversations:
+            return error(
+                403, "conversation_not_allowed", f"this key may not recall in {command.conversation.type} conversations"
+            )
+        return None
+
+    async def _moderator(self, command: RecallCommand, caller: ApiKey) -> Moderator | Answer:
+        """Who the moderator is, and who vouches for it: the ID token's issuer, or the caller's key."""
+        if command.moderator_token is not None:
+            if self.verifier is None:
+                return error(
+                    400,
+                    "invalid_request",
+                    "moderator tokens are not verified here",
+                    fields=[FieldError("moderator.token", "unsupported", "RELAY_API_JWKS_FILE or _URL is unset")],
+                )
+            try:
+                claimed = await self.verifier.verify(command.moderator_token)
+            except TokenRefused as exc:
+                log.warning("relay.moderator_token_refused", requested_by=caller.name, detail=str(exc)[:200])
+                return error(401, "moderator_token_invalid", "the moderator token is invalid or expired")
+            except KeysUnavailable:
+                return error(503, "moderator_keys_unavailable", "the token issuer's keys are not available yet")
+            if command.moderator is not None and command.moderator != claimed:
+                mismatch = FieldError("moderator.userID", "mismatch", "userID differs from the token's moderator")
+                return error(400, "invalid_request", "the moderator is named twice, differently", fields=[mismatch])
+            moderator = Moderator(claimed, verified_by=self.verifier.issuer)
+        elif caller.require_verified_moderator:
+            return error(401, "moderator_token_required", "this key's requests must carry moderator.token")
+        else:
+            assert command.moderator is not None  # the parser requires a userID or a token
+            moderator = Moderator(command.moderator, asserted_by=caller.name)
+        if not caller.allows_moderator(moderator.user_id):
+            return error(403, "moderator_not_allowed", "this key may not name this moderator")
+        return moderator
+
+    async def _claim(self, ledger: str, request_id: str, fingerprint: str) -> Answer | None:
         """Take the lease on the requestID; or the answer a retry of it gets."""
-        pending = orjson.dumps({"state": "pending", "fp": command.fingerprint})
+        pending = orjson.dumps({"state": "pending", "fp": fingerprint})
         for _ in range(3):  # the lease may expire between the claim and the read: claim again
             if await self.store.claim(ledger, pending, self.lease):
                 return None
@@ -170,17 +253,13 @@ class RecallService:
             if raw is None:
                 continue
             earlier = orjson.loads(raw)
-            if earlier.get("fp") != command.fingerprint:
+            if earlier.get("fp") != fingerprint:
                 return error(409, "request_id_conflict", "this requestID was used for a different request")
             if earlier.get("state") == "done":
-                log.info("relay.recall_replayed", request_id=command.request_id)
+                log.info("relay.recall_replayed", request_id=request_id)
                 return Answer(200, earlier["body"], replayed=True)
-            if take_over:
-                log.warning("relay.recall_taken_over", request_id=command.request_id)
-                await self.store.put([(ledger, pending)], self.lease)
-                return None
-            return error(409, "request_in_progress", "this requestID is being carried out; retry shortly")
-        return error(409, "request_in_progress", "this requestID is being carried out; retry shortly")
+            return in_progress()
+        return in_progress()
 
     async def _release(self, ledger: str) -> None:
         with contextlib.suppress(StoreError):  # the lease expires by itself
@@ -192,7 +271,7 @@ class RecallService:
         if not wanted:
             return command, []
         keys = [msg_id_key(command.sdk_app_id, t.client_msg_id or "") for t in wanted]
-        found = dict(zip(keys, await self.store.get(keys), strict=True))
+        found = dict(zip(keys, await self.store.locate(keys), strict=True))
         problems: list[FieldError] = []
         targets: list[Target] = []
         for index, target in enumerate(command.messages):
@@ -212,12 +291,51 @@ class RecallService:
             targets.append(replace(target, msg_key=message.get("msgKey"), msg_seq=message.get("msgSeq")))
         return replace(command, messages=tuple(targets)), problems
 
-    async def _carry_out(self, command: RecallCommand, requested_by: str) -> Answer:
+    async def _carry_out(
+        self, command: RecallCommand, caller: ApiKey, moderator: Moderator, attribution: str
+    ) -> Answer:
         now_ms = int(self.clock() * 1000)
-        request = RecallRequest(command.request_id, requested_by, now_ms)
+        request = RecallRequest(command.request_id, caller.name, now_ms)
+        pointer = attribution.encode()
+        joins = [(self._join_key(command, t), pointer) for t in command.messages]
+        record = Attribution(request, command.reason, moderator.user_id, moderator.asserted_by, moderator.verified_by)
+        await self.store.put([(attribution, record.encode())], self.join_ttl)
+        held = await self.store.reserve(joins, self.join_ttl)
+        if not all(held):
+            await self._unjoin([j for j, h in zip(joins, held, strict=True) if h], command)
+            busy = [
+                FieldError(f"messages[{i}]", "pending", "another request to recall this message is being carried out")
+                for i, h in enumerate(held)
+                if not h
+            ]
+            return error(
+                409, "recall_pending", "a message is being recalled by another request", fields=busy, retry_after=1.0
+            )
+        try:
+            return await self._call_and_report(command, caller, moderator, joins, now_ms)
+        except BaseException:
+            await self._unjoin(joins, command)
+            raise
+
+    async def _unjoin(self, joins: Sequence[tuple[str, bytes]], command: RecallCommand) -> None:
+        """Delete this request's join records (never another's): no later recall of these messages
+        may be attributed to it. If the store cannot be reached they expire after the join TTL."""
+        if not joins:
+            return
+        try:
+            await self.store.delete_if(joins)
+        except StoreError as exc:
+            log.error("relay.recall_join_not_deleted", request_id=command.request_id, error=str(exc)[:300])
+
+    async def _call_and_report(
+        self,
+        command: RecallCommand,
+        caller: ApiKey,
+        moderator: Moderator,
+        joins: Sequence[tuple[str, bytes]],
+        now_ms: int,
+    ) -> Answer:
         c = command.conversation
-        record = encode_request_record(request, command.reason, command.moderator)
-        await self.store.put([(self._join_key(command, t), record) for t in command.messages], self.record_ttl)
         tencent_reason = None if c.type == "c2c" else cut_reason(command.reason)
 
         def audit(
@@ -227,7 +345,8 @@ class RecallService:
                 kind,
                 command,
                 target,
-                requested_by=requested_by,
+                requested_by=caller.name,
+                moderator=moderator,
                 requested_at_ms=now_ms,
                 at_ms=int(self.clock() * 1000),
                 tencent_reason=tencent_reason,
@@ -237,8 +356,9 @@ class RecallService:
             )
 
         try:
-            await self.dispatcher.dispatch([audit(REQUESTED, t) for t in command.messages])
+            await self.dispatcher.dispatch([audit(REQUESTED, t) for t in command.messages], share=self.spool_share)
         except SpoolError as exc:
+            await self._unjoin(joins, command)
             refusal = "spool_full" if isinstance(exc, SpoolFull) else "spool_unavailable"
             log.error("relay.recall_refused", request_id=command.request_id, code=refusal, error=str(exc)[:300])
             return error(503, refusal, "the audit event cannot be made safe (broker down and spool unusable)")
@@ -250,6 +370,10 @@ class RecallService:
             self.metrics.recall_messages.labels(status).inc()
             if status in _FAILED_STATUSES:
                 failed.append(audit(FAILED, result.target, status, code, info))
+        # Only a message Tencent recalled now has a callback coming; any other join record could
+        # only ever attribute a later recall made by someone else.
+        recalled = {id(r.target) for r in results if self._status(r)[0] == "recalled"}
+        await self._unjoin([j for t, j in zip(command.messages, joins, strict=True) if id(t) not in recalled], command)
         if failed:
             try:
                 await self.dispatcher.dispatch(failed)
@@ -272,7 +396,9 @@ class RecallService:
         log.info(
             "relay.recall_requested",
             request_id=command.request_id,
-            requested_by=requested_by,
+            requested_by=caller.name,
+            moderator=moderator.user_id,
+            verified=moderator.verified_by is not None,
             messages=len(results),
             failed=len(failed),
         )

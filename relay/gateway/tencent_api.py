@@ -138,6 +138,14 @@ class TencentApi:
         """Whether *app* has a secret key (without one no UserSig can be made: answer 403)."""
         return self._sigs.has_key(app)
 
+    @property
+    def longest_call(self) -> float:
+        """Seconds a call may take at most: the first wait for a token, then every request (the
+        fresh-UserSig one included) with the longest backoff before it. A retry that would end past
+        this is not made, so a caller's lease that outlives it never expires under a call."""
+        _, cap, floor = self._backoff
+        return self._max_wait + (self._attempts + 1) * (self._timeout_s + max(cap, floor))
+
     async def recall_c2c(self, app: str, sender: str, receiver: str, msg_key: str) -> Outcome:
         """Recall one C2C message (``admin_msgwithdraw`` takes one per call and no Reason)."""
         self._require(app, sender=sender, receiver=receiver, msg_key=msg_key)
@@ -245,16 +253,23 @@ class TencentApi:
         progress = Progress(keys, api.item_field)
         tries, sent = self._attempts, 0
         reason: str | None = None
+        deadline = time.monotonic() + self.longest_call
         while progress.pending and tries > 0:
             if reason is not None:
                 m.retries.labels(api.name, reason).inc()
                 if reason != USERSIG:  # a fresh UserSig needs no wait
                     base, cap, floor = self._backoff
                     await asyncio.sleep(backoff_delay(sent, base, cap, floor if reason == "rate_limited" else 0.0))
+            # A retry waits for a token only as long as it can still end before the deadline.
+            budget = self._max_wait if sent == 0 else deadline - time.monotonic() - self._timeout_s
             try:
-                # Only a call's first request may be turned away; its retries keep their place.
-                waited = await self._bucket(app, api).acquire(self._max_wait if sent == 0 else None)
+                if budget < 0:
+                    raise Busy(-budget)
+                waited = await self._bucket(app, api).acquire(budget)
             except Busy as exc:
+                if sent > 0:
+                    self._log.warning("relay.tencent_retry_skipped", api=api.name, sdk_app_id=app, attempts=sent)
+                    break  # no room left before the deadline: what is pending is failed, with its last answer
                 m.calls.labels(api.name, "busy").inc()
                 self._log.warning(
                     "relay.tencent_call_failed", api=api.name, sdk_app_id=app, outcome="busy", wait=round(exc.wait, 3)

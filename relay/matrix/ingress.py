@@ -26,7 +26,7 @@ from relay.events import RevokeEvent
 from relay.matrix.auth import HsTokenAuth
 from relay.matrix.errors import ANSWERS, MatrixReject, MatrixRejection
 from relay.matrix.normalize import Transaction, normalize, parse_transaction
-from relay.matrix.transactions import MemoryTransactionLog, RedisTransactionLog, TransactionLog
+from relay.matrix.transactions import LEGACY_ENTRY, MemoryTransactionLog, RedisTransactionLog, TransactionLog, digest
 from relay.metrics import Metrics
 from relay.settings import Settings
 
@@ -125,15 +125,24 @@ class TransactionHandler:
             await busy.wait()  # the same transaction is in hand: its outcome decides this one's
         done = self._running[txn_id] = asyncio.Event()
         try:
-            if await self.txns.answered(txn_id):
+            events = parse_transaction(body)
+            content = digest(events)
+            earlier = await self.txns.answered(txn_id)
+            if earlier is not None and earlier in (content, LEGACY_ENTRY):
                 log.info("relay.matrix_transaction_repeated", txn_id=txn_id)
                 return OK, "duplicate"
-            return await self._handle(txn_id, parse_transaction(body))
+            if earlier is not None:
+                # The same txnId with other events: a homeserver whose transaction counter went back
+                # (a restored database) or a bug. Dropping them would lose redactions for good:
+                # handle them (their eventIDs are deterministic), and say so.
+                self.metrics.matrix_txn_reused.inc()
+                log.warning("relay.matrix_txn_reused", txn_id=txn_id, events=len(events))
+            return await self._handle(txn_id, events, content)
         finally:
             del self._running[txn_id]
             done.set()
 
-    async def _handle(self, txn_id: str, events: list[object]) -> tuple[Answer, str]:
+    async def _handle(self, txn_id: str, events: list[object], content: bytes) -> tuple[Answer, str]:
         transaction = normalize(
             events,
             int(self.clock() * 1000),
@@ -169,7 +178,7 @@ class TransactionHandler:
                     spooled=spooled,
                     event_ids=event_ids,
                 )
-        await self.txns.remember(txn_id)
+        await self.txns.remember(txn_id, content)
         log.debug("relay.matrix_transaction_accepted", txn_id=txn_id, event_ids=event_ids, spooled=spooled)
         return OK, "accepted"
 

@@ -7,17 +7,21 @@ duplicates that consumers drop; remembering the answered ``txnId`` avoids publis
 Redis when ``RELAY_REDIS_URL`` is set (shared by replicas and workers, so a retry that lands on
 another replica is still recognized, and kept across restarts), else a bounded in-process map.
 Either way best effort: a lookup that fails counts as "not answered" (the transaction is handled
-again, with the same eventIDs), and a failed write only means a possible repeat later.
+again, with the same eventIDs), and a failed write only means a possible repeat later. What is
+kept is a digest of the transaction's events, so a txnId reused for other events is told apart
+from a retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
@@ -32,6 +36,15 @@ MAX_ENTRIES = 10_000
 _REDIS_TIMEOUT = 1.0
 
 
+LEGACY_ENTRY = b"1"  # what a relay before the digest kept: answered, content unknown
+
+
+def digest(events: list[object]) -> bytes:
+    """What identifies a transaction's content: its events, keys sorted (a retry may serialize the
+    same JSON differently), hashed."""
+    return hashlib.sha256(orjson.dumps(events, option=orjson.OPT_SORT_KEYS)).hexdigest().encode()
+
+
 class TransactionLog(Protocol):
     name: str
 
@@ -39,11 +52,12 @@ class TransactionLog(Protocol):
 
     async def close(self) -> None: ...
 
-    async def answered(self, txn_id: str) -> bool:
-        """Whether *txn_id* was answered 200 before (False when the log cannot tell)."""
+    async def answered(self, txn_id: str) -> bytes | None:
+        """The digest of the transaction *txn_id* answered 200 before, or None (also when the log
+        cannot tell). ``b"1"``: answered by a relay that kept no digest."""
 
-    async def remember(self, txn_id: str) -> None:
-        """Record that *txn_id* was answered 200; never raises."""
+    async def remember(self, txn_id: str, digest: bytes) -> None:
+        """Record that *txn_id*, whose events have *digest*, was answered 200; never raises."""
 
 
 class MemoryTransactionLog:
@@ -57,7 +71,7 @@ class MemoryTransactionLog:
         self._ttl = ttl
         self._max = max_entries
         self._clock = clock
-        self._answered: OrderedDict[str, float] = OrderedDict()
+        self._answered: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._answered)
@@ -68,24 +82,24 @@ class MemoryTransactionLog:
     async def close(self) -> None:
         self._answered.clear()
 
-    async def answered(self, txn_id: str) -> bool:
-        expires = self._answered.get(txn_id)
-        if expires is None:
-            return False
-        if expires <= self._clock():
+    async def answered(self, txn_id: str) -> bytes | None:
+        entry = self._answered.get(txn_id)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
             del self._answered[txn_id]
-            return False
-        return True
+            return None
+        return entry[1]
 
-    async def remember(self, txn_id: str) -> None:
+    async def remember(self, txn_id: str, digest: bytes) -> None:
         self._answered.pop(txn_id, None)
-        self._answered[txn_id] = self._clock() + self._ttl
+        self._answered[txn_id] = (self._clock() + self._ttl, digest)
         while len(self._answered) > self._max:
             self._answered.popitem(last=False)
 
 
 class RedisTransactionLog:
-    """``SET <prefix><namespace>:<txnId> 1 EX ttl`` after each 200, ``EXISTS`` before handling.
+    """``SET <prefix><namespace>:<txnId> <digest> EX ttl`` after each 200, ``GET`` before handling.
 
     *namespace* separates registrations: a homeserver whose database was reset numbers its
     transactions from 1 again, and under a new ``hs_token`` those are new transactions."""
@@ -104,18 +118,19 @@ class RedisTransactionLog:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def answered(self, txn_id: str) -> bool:
+    async def answered(self, txn_id: str) -> bytes | None:
         try:
             async with asyncio.timeout(_REDIS_TIMEOUT):
-                return bool(await self._client.exists(self._prefix + txn_id))
+                value = await self._client.get(self._prefix + txn_id)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self._log_error("get", exc)
-            return False
+            return None
+        return value if isinstance(value, bytes) or value is None else str(value).encode()
 
-    async def remember(self, txn_id: str) -> None:
+    async def remember(self, txn_id: str, digest: bytes) -> None:
         try:
             async with asyncio.timeout(_REDIS_TIMEOUT):
-                await self._client.set(self._prefix + txn_id, b"1", ex=self._ttl)
+                await self._client.set(self._prefix + txn_id, digest, ex=self._ttl)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self._log_error("put", exc)
 

@@ -178,7 +178,7 @@ async def test_callback_before_the_answer_reaches_the_relay_first(
         event["platform"],
         event["msgSeq"],
     )
-    assert {"userID": ADMIN, "role": "app_admin"} == event["operator"]
+    assert {"userID": ADMIN, "role": "app_admin", "assertedBy": None, "verifiedBy": None} == event["operator"]
     assert (GROUP, TOPIC) == (event["conversation"]["groupID"], event["conversation"]["topicID"])
     assert "144115200000000001-1767225500-8801" == event["clientMsgID"]
     (sent,) = sim.callbacks

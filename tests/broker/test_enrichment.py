@@ -117,7 +117,14 @@ async def test_c2c_send_then_recall(scenario: Scenario) -> None:
         f"{APP}/c2c/{key}",
     )
     (event,) = await scenario.recalled(C2C_RECALL, {"From_Account": "u_alice", "To_Account": "u_bob", "MsgKey": key})
-    assert ("hit", msg_id, msg_id, key, "u_alice", {"userID": "u_alice", "role": "sender"}) == (
+    assert (
+        "hit",
+        msg_id,
+        msg_id,
+        key,
+        "u_alice",
+        {"userID": "u_alice", "role": "sender", "assertedBy": None, "verifiedBy": None},
+    ) == (
         event["enrichment"],
         event["msgID"],
         event["clientMsgID"],
@@ -146,7 +153,7 @@ async def test_group_send_then_recall(scenario: Scenario, operator: str, platfor
     (event,) = await scenario.recalled(
         GROUP_RECALL, {"Operator_Account": operator, "GroupId": group, "MsgSeqList": [{"MsgSeq": 7}]}, platform=platform
     )
-    assert ("hit", "u_carol", {"userID": operator, "role": role}, "m-7") == (
+    assert ("hit", "u_carol", {"userID": operator, "role": role, "assertedBy": None, "verifiedBy": None}, "m-7") == (
         event["enrichment"],
         event["sender"],
         event["operator"],

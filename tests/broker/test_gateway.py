@@ -43,7 +43,7 @@ def audit_validator() -> Any:
     import jsonschema
 
     return jsonschema.Draft202012Validator(
-        load_schema("recall-audit.v1.json"), format_checker=jsonschema.FormatChecker()
+        load_schema("recall-audit.v2.json"), format_checker=jsonschema.FormatChecker()
     )
 
 

@@ -375,7 +375,7 @@ def test_callbacks_become_events_in_rabbitmq(publishing: Outcome) -> None:
     assert "-> 200" in publishing.callback
     messages = publishing.after["messages"]
     assert 2 == len(messages)
-    schema = json.loads(resources.files("relay").joinpath("schema/event.v3.json").read_text(encoding="utf-8"))
+    schema = json.loads(resources.files("relay").joinpath("schema/event.v4.json").read_text(encoding="utf-8"))
     for message in messages:
         body = json.loads(message.body)
         jsonschema.Draft202012Validator(schema).validate(body)

@@ -42,7 +42,7 @@ async def test_redactions_by_the_sender_and_by_a_moderator(stack: Stack, version
             "eventID": name_id(name(room, msg_id)),
             "provider": "matrix",
             "clientMsgID": msg_id,
-            "operator": {"userID": redacter.user_id, "role": role},
+            "operator": {"userID": redacter.user_id, "role": role, "assertedBy": None, "verifiedBy": None},
             "reason": reason,
             "sender": bob.user_id,
             "groupID": room,

@@ -74,8 +74,8 @@ def test_audit_messages_reference_their_schema_and_their_examples_hold(spec: dic
     """The audit messages point at the packaged recall-audit schema; their examples validate, headers included."""
     message = spec["components"]["messages"][name]
     target = (ASYNCAPI.parent / message["payload"]["schema"]["$ref"]).resolve()
-    assert load_schema("recall-audit.v1.json") == json.loads(target.read_text(encoding="utf-8"))
-    audit = validator(load_schema("recall-audit.v1.json"))
+    assert load_schema("recall-audit.v2.json") == json.loads(target.read_text(encoding="utf-8"))
+    audit = validator(load_schema("recall-audit.v2.json"))
     headers = resolve(spec, message["headers"])
     for example in message["examples"]:
         audit.validate(example["payload"])

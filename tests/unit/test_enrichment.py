@@ -150,7 +150,7 @@ async def test_c2c_recall_gets_client_msg_id_and_send_time() -> None:
         "144115212345678901-1767225540-2837546",
         "144115212345678901-1767225540-2837546",
         "2025-12-31T23:59:00.000Z",
-        {"userID": "u_alice", "role": "sender"},
+        {"userID": "u_alice", "role": "sender", "assertedBy": None, "verifiedBy": None},
     ) == (event["enrichment"], event["msgID"], event["clientMsgID"], event["sentAt"], event["operator"])
 
 
@@ -165,7 +165,7 @@ async def test_c2c_recall_gets_client_msg_id_and_send_time() -> None:
 async def test_group_roles(operator: str, platform: str, role: str) -> None:
     """With the send known, a group recall says whose message it was and in which role it was recalled."""
     (event,) = await enrich(enricher(), sends(GROUP_SENT), recalls(group_recall(operator), platform))
-    assert ("hit", "u_carol", {"userID": operator, "role": role}) == (
+    assert ("hit", "u_carol", {"userID": operator, "role": role, "assertedBy": None, "verifiedBy": None}) == (
         event["enrichment"],
         event["sender"],
         event["operator"],
@@ -206,7 +206,7 @@ async def test_official_account_recall_is_enriched() -> None:
 async def test_miss_leaves_the_event_as_it_was() -> None:
     """A recall with no recorded send is published with enrichment=miss and nothing invented."""
     (event,) = await enrich(enricher(), [], recalls(group_recall("u_mod01")))
-    assert ("miss", None, {"userID": "u_mod01", "role": "unknown"}, None) == (
+    assert ("miss", None, {"userID": "u_mod01", "role": "unknown", "assertedBy": None, "verifiedBy": None}, None) == (
         event["enrichment"],
         event["sender"],
         event["operator"],

@@ -160,7 +160,57 @@ def test_the_fingerprint_follows_the_content_not_the_request_id() -> None:
     assert parse(GROUP).fingerprint != parse(with_(reason="another reason")).fingerprint
 
 
-def test_the_reason_may_span_lines_and_any_script() -> None:
-    """A reason is free text: newlines and CJK are kept as given."""
-    reason = "垃圾广告\nsecond line"
+def test_the_reason_may_be_in_any_script() -> None:
+    """A reason is free text: CJK, accents and emoji sequences (with their zero-width joiners) are kept."""
+    reason = "垃圾广告 — café 👩\u200d💻"
     assert reason == parse(with_(reason=reason)).reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "char"),
+    [
+        pytest.param("reason", "\u202espam\x00\x1b[2J\r\nFAKE: ok", "U+202E", id="reason-bidi-nul-escape-crlf"),
+        pytest.param("reason", "line one\nFAKE: approved", "U+000A", id="reason-lf"),
+        pytest.param("reason", "tab\there", "U+0009", id="reason-tab"),
+        pytest.param("reason", "c1 \x85 next line", "U+0085", id="reason-c1"),
+        pytest.param("reason", "para\u2029graph", "U+2029", id="reason-paragraph-separator"),
+        pytest.param("moderator", "admin\u202e\u200b", "U+202E", id="moderator-bidi"),
+        pytest.param("moderator", "admin\u200b", "U+200B", id="moderator-zero-width-space"),
+        pytest.param("moderator", "\ufeffadmin", "U+FEFF", id="moderator-bom"),
+        pytest.param("requestID", "ticket\u2066-1", "U+2066", id="request-id-isolate"),
+    ],
+)
+def test_control_bidi_and_invisible_characters_are_refused_naming_the_field(field: str, value: str, char: str) -> None:
+    """C0 (CR, LF, TAB included), C1, bidi controls and separators anywhere, and invisible format
+    characters in IDs, are a 400 naming the field and the character, never carried."""
+    body = with_(moderator={"userID": value}) if field == "moderator" else with_(**{field: value})
+    path = "moderator.userID" if field == "moderator" else field
+    with pytest.raises(InvalidRequest) as caught:
+        parse(body)
+    (problem,) = caught.value.errors
+    assert (path, "invalid") == (problem.field, problem.code)
+    assert char in problem.message
+
+
+def test_reason_and_moderator_are_nfc() -> None:
+    """A decomposed accent (e + U+0301) is stored as the one character a person reads (é)."""
+    command = parse(with_(reason="cafe\u0301", moderator={"userID": "jose\u0301"}))
+    assert ("café", "josé") == (command.reason, command.moderator)
+
+
+def test_the_moderator_may_be_a_token_a_user_id_or_both() -> None:
+    """A token alone names the moderator; userID alone is asserted; the token is never echoed back."""
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJtb2RfNyJ9.c2ln"
+    assert (None, token) == (lambda c: (c.moderator, c.moderator_token))(parse(with_(moderator={"token": token})))
+    both = parse(with_(moderator={"userID": "mod_7", "token": token}))
+    assert ("mod_7", token) == (both.moderator, both.moderator_token)
+    assert [("moderator.userID", "required")] == errors(with_(moderator={}))
+    with pytest.raises(InvalidRequest) as caught:
+        parse(with_(moderator={"token": "not a jwt\nsecret"}))
+    assert "secret" not in str(caught.value)
+
+
+def test_the_fingerprint_does_not_cover_the_moderator_token() -> None:
+    """A retry with a refreshed ID token is the same request (the service adds the settled moderator)."""
+    first = parse(with_(moderator={"token": "a.b.c"}))
+    assert first.fingerprint == parse(with_(moderator={"token": "d.e.f"})).fingerprint

@@ -70,7 +70,7 @@ def test_a_redaction_maps_to_a_group_event_of_provider_matrix(version: int) -> N
         "clientMsgID": "$msg1",
         "msgKey": None,
         "msgSeq": None,
-        "operator": {"userID": "@mod:example.org", "role": "unknown"},
+        "operator": {"userID": "@mod:example.org", "role": "unknown", "assertedBy": None, "verifiedBy": None},
         "reason": "spam",
         "sender": None,
         "conversation": {

@@ -93,17 +93,17 @@ def test_registration_refuses_what_the_homeserver_would(
 
 
 async def test_memory_transaction_log_expires_and_is_bounded() -> None:
-    """An answered txnId is remembered for the TTL, and the oldest are dropped past the bound."""
+    """An answered txnId is remembered with its digest for the TTL, and the oldest are dropped past the bound."""
     now = [0.0]
     txns = MemoryTransactionLog(ttl=10, max_entries=2, clock=lambda: now[0])
-    await txns.remember("1")
-    assert (True, False) == (await txns.answered("1"), await txns.answered("2"))
+    await txns.remember("1", b"d1")
+    assert (b"d1", None) == (await txns.answered("1"), await txns.answered("2"))
     now[0] = 10.0
-    assert not await txns.answered("1")
-    await txns.remember("a")
-    await txns.remember("b")
-    await txns.remember("c")
-    assert (False, True, True, 2) == (
+    assert await txns.answered("1") is None
+    await txns.remember("a", b"da")
+    await txns.remember("b", b"db")
+    await txns.remember("c", b"dc")
+    assert (None, b"db", b"dc", 2) == (
         await txns.answered("a"),
         await txns.answered("b"),
         await txns.answered("c"),

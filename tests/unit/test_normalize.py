@@ -74,7 +74,7 @@ OFFICIAL = {
 def test_c2c_intl_variant_is_one_event_with_every_field() -> None:
     """A C2C recall without EventTime becomes one complete event timed at receipt."""
     expected = {
-        "version": 3,
+        "version": 4,
         "eventID": event_id(APP, "c2c", "90211_3019944112_1767225540"),
         "type": "message.revoked",
         "provider": "tencent",
@@ -82,7 +82,7 @@ def test_c2c_intl_variant_is_one_event_with_every_field() -> None:
         "msgKey": "90211_3019944112_1767225540",
         "msgSeq": None,
         "clientMsgID": None,
-        "operator": {"userID": "u_alice", "role": "sender"},
+        "operator": {"userID": "u_alice", "role": "sender", "assertedBy": None, "verifiedBy": None},
         "reason": None,
         "sender": "u_alice",
         "conversation": {
@@ -117,7 +117,7 @@ def test_c2c_cn_variant_uses_event_time_in_milliseconds() -> None:
 def test_c2c_rest_recall_is_an_app_admin_with_unknown_account() -> None:
     """OptPlatform=RESTAPI marks an admin recall; the callback does not name the admin."""
     (event,) = run(C2C_CN, platform="RESTAPI")
-    assert {"userID": None, "role": "app_admin"} == event["operator"]
+    assert {"userID": None, "role": "app_admin", "assertedBy": None, "verifiedBy": None} == event["operator"]
     assert "u_alice" == event["sender"]
 
 
@@ -131,7 +131,7 @@ def test_group_topic_variant_uses_sdk_msg_id() -> None:
         "clientMsgID": "144115200000000001-1767225500-2200001111",
         "msgKey": None,
         "msgSeq": 8801,
-        "operator": {"userID": "u_mod01", "role": "unknown"},
+        "operator": {"userID": "u_mod01", "role": "unknown", "assertedBy": None, "verifiedBy": None},
         "sender": None,
         "eventTime": "2026-01-01T00:00:01.999Z",
     } == {
@@ -158,7 +158,7 @@ def test_group_with_three_items_yields_three_events() -> None:
 def test_group_rest_recall_names_the_operator_as_app_admin() -> None:
     """A REST group recall keeps the named operator account with role app_admin."""
     events = run(GROUP_OLD_INTL, platform="RESTAPI")
-    assert {"userID": "admin", "role": "app_admin"} == events[0]["operator"]
+    assert {"userID": "admin", "role": "app_admin", "assertedBy": None, "verifiedBy": None} == events[0]["operator"]
 
 
 def test_official_account_yields_one_event_per_withdrawn_message() -> None:

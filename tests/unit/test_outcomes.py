@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -154,12 +155,18 @@ def test_reason_is_cut_to_100_bytes_on_a_character_boundary(reason: str, expecte
 
 @given(st.text(max_size=300))
 def test_reason_cut_is_the_longest_prefix_that_fits(text: str) -> None:
-    """For any text, the cut is a prefix of whole characters, at most 100 bytes, and maximal."""
+    """For any text, the cut is a prefix of whole graphemes, at most 100 bytes, and maximal: the next
+    grapheme would not fit."""
     cut = cut_reason(text)
     assert text.startswith(cut)
     assert len(cut.encode()) <= 100
+    clusters = regex.findall(r"\X", text)
+    boundaries = {sum(len(c) for c in clusters[:i]) for i in range(len(clusters) + 1)}
+    assert len(cut) in boundaries
     if cut != text:
-        assert len(text[: len(cut) + 1].encode()) > 100
+        following = regex.match(r"\X", text[len(cut) :])
+        assert following is not None
+        assert len((cut + following.group()).encode()) > 100
 
 
 @pytest.mark.parametrize(
@@ -184,3 +191,20 @@ def test_backoff_is_exponential_with_equal_jitter(retry: int) -> None:
     for _ in range(50):
         assert d / 2 <= backoff_delay(retry, 0.25, 4.0) <= d
         assert 0.5 <= backoff_delay(retry, 0.25, 4.0, floor=1.0) <= max(1.0, d)
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        pytest.param("a" * 99 + "e\u0301", "a" * 99, id="letter-and-its-accent-stay-together"),
+        pytest.param("a" * 96 + "👩\u200d💻", "a" * 96, id="emoji-zwj-sequence-whole-or-not-at-all"),
+        pytest.param("a" * 89 + "👩\u200d💻", "a" * 89 + "👩\u200d💻", id="fits-exactly-in-100-bytes"),
+        pytest.param("广" * 34, "广" * 33, id="cjk-on-a-character-boundary"),
+        pytest.param("🇨🇳" * 13, "🇨🇳" * 12, id="flags-are-pairs"),
+    ],
+)
+def test_the_reason_for_tencent_is_cut_on_a_grapheme_boundary(reason: str, expected: str) -> None:
+    """At most 100 UTF-8 bytes, never splitting what a person sees as one character."""
+    cut = cut_reason(reason)
+    assert expected == cut
+    assert len(cut.encode()) <= 100

@@ -125,6 +125,7 @@ def test_bad_token_pair_error_does_not_echo_the_token() -> None:
 
 GATEWAY = {
     "RELAY_SDKAPPIDS": "1400000001",
+    "RELAY_CALLBACK_TOKENS": "1400000001=callback-token-value",
     "RELAY_API_TOKENS": (
         "moderation=tok-aaaaaaaaaaaaaaaa, moderation=tok-bbbbbbbbbbbbbbbb, audit-svc=tok-cccccccccccccccc"
     ),
@@ -132,12 +133,21 @@ GATEWAY = {
 }
 
 
-def test_the_gateway_is_off_by_default_and_on_with_tokens_or_a_command_queue() -> None:
+def test_the_gateway_is_off_by_default_and_on_with_tokens_or_a_command_queue(tmp_path: Path) -> None:
     """No token and no command queue: no gateway; either one turns it on."""
     assert not Settings.from_env({"RELAY_SDKAPPIDS": "1400000001"}).gateway
     assert Settings.from_env(GATEWAY).gateway
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[key]]\nname = "bus"\nsha256 = "' + "0" * 64 + '"\napps = ["*"]\namqp_user = "bus"\n')
     queue_only = {"RELAY_SDKAPPIDS": "1400000001", "RELAY_COMMAND_QUEUE": "relay.commands"}
-    assert Settings.from_env(queue_only).gateway
+    assert Settings.from_env({**queue_only, "RELAY_API_KEYS_FILE": str(keys)}).gateway
+
+
+def test_a_command_queue_needs_a_key_naming_its_amqp_user() -> None:
+    """Without a key that claims a RabbitMQ user every command would be refused: a settings error."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_SDKAPPIDS": "1400000001", "RELAY_COMMAND_QUEUE": "relay.commands"})
+    assert "RELAY_COMMAND_QUEUE: needs RELAY_API_KEYS_FILE" in str(caught.value)
 
 
 def test_gateway_settings_parse_with_their_defaults() -> None:
@@ -177,6 +187,11 @@ def test_gateway_secrets_never_appear_in_the_repr() -> None:
             {"RELAY_API_TOKENS": "a=tok-aaaaaaaaaaaaaaaa,b=tok-aaaaaaaaaaaaaaaa"}, "share a token", id="shared-token"
         ),
         pytest.param({"RELAY_TENCENT_SECRET_KEYS": "1400000009=k"}, "not in RELAY_SDKAPPIDS", id="key-for-unknown-app"),
+        pytest.param(
+            {"RELAY_TENCENT_SECRET_KEYS": "1400000001=k"},
+            "1400000001 have a secret key but no callback token",
+            id="unsigned",
+        ),
         pytest.param({"RELAY_TENCENT_SECRET_KEYS": "app=k"}, "RELAY_TENCENT_SECRET_KEYS", id="key-app-not-digits"),
         pytest.param({"RELAY_TENCENT_API_URL": "ftp://console.tim.qq.com"}, "RELAY_TENCENT_API_URL", id="url-scheme"),
         pytest.param({"RELAY_TENCENT_API_URL": "https://x/v4/openim"}, "RELAY_TENCENT_API_URL", id="url-with-path"),

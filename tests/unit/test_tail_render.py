@@ -9,6 +9,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.gateway.audit import FAILED, REQUESTED, audit_envelope
+from relay.gateway.request import Moderator
 from relay.tail import render
 from tests.helpers import recall_command
 
@@ -32,7 +33,12 @@ def test_an_audit_event_shows_its_request_time_moderator_and_kind() -> None:
         [{"msgKey": "31906_833502_1572869830"}],
         request_id="ticket-4712",
     )
-    kw: dict[str, Any] = {"requested_by": "svc", "requested_at_ms": 1_796_199_018_526, "at_ms": 1_796_199_018_600}
+    kw: dict[str, Any] = {
+        "requested_by": "svc",
+        "moderator": Moderator("mod_7", asserted_by="svc"),
+        "requested_at_ms": 1_796_199_018_526,
+        "at_ms": 1_796_199_018_600,
+    }
     requested = audit_envelope(REQUESTED, cmd, cmd.messages[0], tencent_reason=None, **kw)
     failed = audit_envelope(
         FAILED, cmd, cmd.messages[0], tencent_reason=None, status="rejected", tencent_code=10007, **kw
