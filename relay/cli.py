@@ -307,16 +307,25 @@ def cmd_correlation(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_recall(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Ask the local recall gateway to recall messages (POST /v1/recalls)."""
+    settings: Settings | None = None
+    problems: list[str] = []
     try:
-        settings: Settings | None = Settings.from_env(env, require_apps=False)
-    except ConfigError:
-        settings = None
+        settings = Settings.from_env(env, require_apps=False)
+    except ConfigError as exc:
+        problems = exc.problems
     token = args.token or env.get("RELAY_API_TOKEN")
     if token is None and settings is not None and settings.api_tokens:
         token = next(iter(settings.api_tokens.values()))[0]
     app = args.app or (sorted(settings.tencent_secret_keys)[0] if settings and settings.tencent_secret_keys else None)
     if token is None or app is None:
-        print("recall: pass --token and --app (or set RELAY_API_TOKENS and RELAY_TENCENT_SECRET_KEYS)", file=sys.stderr)
+        if problems:
+            # The flags' defaults come from the settings: say why they could not be read.
+            print("recall: the relay's settings are invalid, so --token and --app have no defaults:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+        else:
+            hint = "recall: pass --token and --app (or set RELAY_API_TOKENS and RELAY_TENCENT_SECRET_KEYS)"
+            print(hint, file=sys.stderr)
         return 1
     if args.group:
         conversation: dict[str, object] = {"type": "group", "groupID": args.group}
@@ -333,17 +342,24 @@ def cmd_recall(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not messages:
         print("recall: name at least one message (--seq, --key or --msg-id)", file=sys.stderr)
         return 1
+    if not args.moderator and not args.moderator_token:
+        print("recall: name the moderator (--moderator and/or --moderator-token)", file=sys.stderr)
+        return 1
     request: dict[str, object] = {
         "sdkAppID": app,
         "conversation": conversation,
         "messages": messages,
         "reason": args.reason,
-        "moderator": {"userID": args.moderator},
+        "moderator": {
+            **({"userID": args.moderator} if args.moderator else {}),
+            **({"token": args.moderator_token} if args.moderator_token else {}),
+        },
     }
     if args.request_id:
         request["requestID"] = args.request_id
     port = settings.api_port if settings else 8081
-    url = args.url or f"http://127.0.0.1:{port}/v1/recalls"
+    host = settings.api_host if settings and settings.api_host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+    url = args.url or f"http://{host}:{port}/v1/recalls"
     status, reply = asyncio.run(_post(url, orjson.dumps(request), {"Authorization": f"Bearer {token}"}))
     print(f"POST {url} -> {status}")
     try:
@@ -434,7 +450,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     recall.add_argument("--key", action="append", default=[], help="a MsgKey (repeatable)")
     recall.add_argument("--msg-id", action="append", default=[], help="a client msgID from a send record (repeatable)")
     recall.add_argument("--reason", required=True, help="why (the full text goes into the events)")
-    recall.add_argument("--moderator", required=True, help="the moderator's UserID")
+    recall.add_argument("--moderator", help="the moderator's UserID (asserted by the API key)")
+    recall.add_argument(
+        "--moderator-token", help="the moderator's ID token (a JWT), verified by the relay (RELAY_API_JWKS_*)"
+    )
     recall.add_argument("--request-id", help="idempotency key: the same ID again returns the first answer")
     recall.add_argument("--app", help="SDKAppID (default: the first app in RELAY_TENCENT_SECRET_KEYS)")
     recall.add_argument("--token", help="API token (default: RELAY_API_TOKEN, else the first of RELAY_API_TOKENS)")

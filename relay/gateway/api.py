@@ -116,8 +116,6 @@ class _RecallsRoute:
             fields=answer.body["error"].get("fields") if isinstance(answer.body["error"], dict) else None,
         )
         response = respond(answer)
-        if answer.status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="revoke-relay"'
         if answer.status in (408, 413, 415):
             response.force_close()  # the rest of the body is not wanted
         return response
@@ -129,6 +127,8 @@ def respond(answer: Answer) -> web.Response:
         response.headers["Idempotent-Replayed"] = "true"
     if answer.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(answer.retry_after)))
+    if answer.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="revoke-relay"'
     return response
 
 

@@ -119,6 +119,16 @@ class _Result:
     unreachable: TencentUnreachable | None = field(default=None)
 
 
+def _pending(raw: bytes | None) -> bool:
+    if raw is None:
+        return False
+    try:
+        state = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(state, dict) and state.get("state") == "pending"
+
+
 class RecallService:
     """One instance per process; shared by the HTTP API and the command consumer."""
 
@@ -301,21 +311,38 @@ class RecallService:
         record = Attribution(request, command.reason, moderator.user_id, moderator.asserted_by, moderator.verified_by)
         await self.store.put([(attribution, record.encode())], self.join_ttl)
         held = await self.store.reserve(joins, self.join_ttl)
-        if not all(held):
+        busy = await self._busy([j for j, h in zip(joins, held, strict=True) if not h])
+        if busy:
             await self._unjoin([j for j, h in zip(joins, held, strict=True) if h], command)
-            busy = [
+            fields = [
                 FieldError(f"messages[{i}]", "pending", "another request to recall this message is being carried out")
-                for i, h in enumerate(held)
-                if not h
+                for i, (key, _) in enumerate(joins)
+                if key in busy
             ]
-            return error(
-                409, "recall_pending", "a message is being recalled by another request", fields=busy, retry_after=1.0
-            )
+            message = "a message is being recalled by another request"
+            return error(409, "recall_pending", message, fields=fields, retry_after=1.0)
+        # A message whose record another, finished, request holds was recalled by it (its callback
+        # is still awaited): it is asked for again (Tencent answers "already recalled" or "not
+        # found"), but never joined to this request.
+        mine = [j if h else None for j, h in zip(joins, held, strict=True)]
         try:
-            return await self._call_and_report(command, caller, moderator, joins, now_ms)
+            return await self._call_and_report(command, caller, moderator, mine, now_ms)
         except BaseException:
-            await self._unjoin(joins, command)
+            await self._unjoin([j for j in mine if j is not None], command)
             raise
+
+    async def _busy(self, taken: Sequence[tuple[str, bytes]]) -> set[str]:
+        """The join keys among *taken* whose holding request is still being carried out."""
+        if not taken:
+            return set()
+        pointers = await self.store.get([key for key, _ in taken])
+        holders = {
+            key: "request:" + p.decode().removeprefix("attribution:")
+            for (key, _), p in zip(taken, pointers, strict=True)
+            if p is not None
+        }
+        states = dict(zip(holders.values(), await self.store.get(list(set(holders.values()))), strict=False))
+        return {key for key, ledger in holders.items() if _pending(states.get(ledger))}
 
     async def _unjoin(self, joins: Sequence[tuple[str, bytes]], command: RecallCommand) -> None:
         """Delete this request's join records (never another's): no later recall of these messages
@@ -332,7 +359,7 @@ class RecallService:
         command: RecallCommand,
         caller: ApiKey,
         moderator: Moderator,
-        joins: Sequence[tuple[str, bytes]],
+        joins: Sequence[tuple[str, bytes] | None],
         now_ms: int,
     ) -> Answer:
         c = command.conversation
@@ -358,7 +385,7 @@ class RecallService:
         try:
             await self.dispatcher.dispatch([audit(REQUESTED, t) for t in command.messages], share=self.spool_share)
         except SpoolError as exc:
-            await self._unjoin(joins, command)
+            await self._unjoin([j for j in joins if j is not None], command)
             refusal = "spool_full" if isinstance(exc, SpoolFull) else "spool_unavailable"
             log.error("relay.recall_refused", request_id=command.request_id, code=refusal, error=str(exc)[:300])
             return error(503, refusal, "the audit event cannot be made safe (broker down and spool unusable)")
@@ -373,7 +400,8 @@ class RecallService:
         # Only a message Tencent recalled now has a callback coming; any other join record could
         # only ever attribute a later recall made by someone else.
         recalled = {id(r.target) for r in results if self._status(r)[0] == "recalled"}
-        await self._unjoin([j for t, j in zip(command.messages, joins, strict=True) if id(t) not in recalled], command)
+        stale = [j for t, j in zip(command.messages, joins, strict=True) if j is not None and id(t) not in recalled]
+        await self._unjoin(stale, command)
         if failed:
             try:
                 await self.dispatcher.dispatch(failed)

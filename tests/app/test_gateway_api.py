@@ -36,6 +36,8 @@ GATEWAY_ENV = {
 class FakeTencent:
     """Answers like Tencent, from a script: per-message outcomes, or the API being unreachable."""
 
+    longest_call = 30.0
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.outcomes: dict[object, Outcome] = {}
@@ -196,9 +198,12 @@ async def test_a_body_that_is_not_a_json_object_is_400_invalid_json(gw: Gateway,
 
 
 async def test_an_app_without_a_secret_key_is_403(gw: Gateway) -> None:
-    """An accepted app with no RELAY_TENCENT_SECRET_KEYS entry cannot be recalled in: 403."""
+    """An accepted app with no RELAY_TENCENT_SECRET_KEYS entry cannot be recalled in: 403, with the
+    same code and message as an app the relay does not know at all (the answer lists no apps)."""
     status, body, _ = await gw.recall({**request(), "sdkAppID": OTHER_APP})
-    assert (403, "app_not_configured") == (status, body["error"]["code"])
+    assert (403, "app_not_allowed") == (status, body["error"]["code"])
+    unknown = await gw.recall({**request(), "sdkAppID": "1400009999"})
+    assert (status, body) == (unknown[0], unknown[1])
 
 
 async def test_the_same_request_again_returns_the_first_answer_without_calling_tencent(gw: Gateway) -> None:
@@ -330,7 +335,8 @@ async def test_the_callback_joins_the_request(gw: Gateway) -> None:
     assert 200 == await send_callback(gw, callback, C2C_RECALL, platform="RESTAPI")
     (revoked,) = gw.events("message.revoked")
     validate_event(revoked)
-    assert ("spam link", {"userID": "mod_7", "role": "moderator"}) == (revoked["reason"], revoked["operator"])
+    operator = {"userID": "mod_7", "role": "moderator", "assertedBy": "moderation-svc", "verifiedBy": None}
+    assert ("spam link", operator) == (revoked["reason"], revoked["operator"])
     assert ("ticket-4711", "moderation-svc") == (
         revoked["recallRequest"]["requestID"],
         revoked["recallRequest"]["requestedBy"],
@@ -372,7 +378,7 @@ async def test_a_body_over_the_limit_is_413(gw: Gateway) -> None:
 async def test_relay_recall_posts_what_its_flags_say(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
     """`relay recall` builds the request from its flags, posts it with the token, prints the answer."""
     url = str(gw.api.make_url("/v1/recalls"))
-    env = {**GATEWAY_ENV, "RELAY_SDKAPPIDS": APP}
+    env = {**GATEWAY_ENV, "RELAY_SDKAPPIDS": APP, "RELAY_CALLBACK_TOKENS": f"{APP}={TOKEN}"}
     argv = ["recall", "--url", url, "--group", "@TGS#9", "--topic", "T1", "--seq", "5", "--seq", "6"]
     argv += ["--reason", "spam", "--moderator", "mod_2", "--request-id", "cli-1"]
     assert 0 == await asyncio.to_thread(main, argv, env)

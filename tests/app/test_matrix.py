@@ -390,3 +390,20 @@ async def test_tencent_callbacks_are_unchanged_beside_matrix(
     event = orjson.loads(publisher.published[0].body)
     assert ("tencent", APP) == (event["provider"], event["sdkAppID"])
     assert publisher.published[0].source == f"tencent-im/{APP}"
+
+
+async def test_11_a_reused_txn_id_with_other_events_is_handled_warned_and_counted(
+    client: TestClient,  # type: ignore[type-arg]
+    publisher: RecordingPublisher,
+    registry: CollectorRegistry,
+) -> None:
+    """The same txnId with different events (a homeserver whose counter went back) is not dropped as a
+    retry: its redaction is published, a warning names the txnId, and the reuse is counted."""
+    assert (200, {}) == await put(client, {"events": [redaction("$first")]}, "7")
+    with capture_logs() as logs:
+        assert (200, {}) == await put(client, {"events": [redaction("$second")]}, "7")
+    assert 2 == len({e.event_id for e in publisher.published})
+    assert 1 == metric(registry, "relay_matrix_txn_reused_total")
+    assert [("7", "warning")] == [
+        (e["txn_id"], e["log_level"]) for e in logs if e["event"] == "relay.matrix_txn_reused"
+    ]

@@ -143,7 +143,10 @@ def recall_spec() -> dict[str, Any]:
 
 def test_the_recall_api_serves_what_its_document_says(recall_spec: dict[str, Any], tmp_path: Path) -> None:
     """The documented paths are the API app's routes, and its error codes are the code's."""
-    app = create_app(make_settings(tmp_path, **GATEWAY_ENV), publisher=RecordingPublisher())
+    tokens = "1400000001=tok_example_42,1400000002=schemathesis-token"
+    app = create_app(
+        make_settings(tmp_path, **GATEWAY_ENV, RELAY_CALLBACK_TOKENS=tokens), publisher=RecordingPublisher()
+    )
     served = {
         (resource.canonical, route.method.lower())
         for resource in app[API].router.resources()
@@ -170,6 +173,7 @@ def test_schemathesis_finds_no_server_error_in_the_recall_api(tmp_path: Path) ->
         "RELAY_API_PORT": str(api_port),
         "RELAY_HOST": "127.0.0.1",
         "RELAY_SDKAPPIDS": "1400000002",
+        "RELAY_CALLBACK_TOKENS": "1400000002=schemathesis-token",
         "RELAY_TENCENT_API_URL": sim_url,
         "RELAY_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",  # no broker: audit events are spooled
         "RELAY_SPOOL_DIR": str(tmp_path / "spool"),

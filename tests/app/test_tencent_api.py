@@ -395,3 +395,26 @@ async def test_a_full_queue_is_busy_and_sends_nothing(
     assert 10 - len(busy) == len(sim.requests)
     assert 3 <= len(sim.requests) <= 4  # one at once, then one every 0.1 s up to 0.25 s of queue
     assert len(busy) == metric(registry, "relay_tencent_calls_total", api="admin_msgwithdraw", outcome="busy")
+
+
+async def test_retries_stop_before_the_call_outlives_longest_call(sim: TencentSim, make_api: MakeApi) -> None:
+    """Rate-limited answers and a slow bucket: a retry that could not end before ``longest_call`` is
+    not made, so the gateway's lease (longer than it) never expires under a call."""
+    api = await make_api(
+        rate=1.0,
+        burst=1.0,
+        timeout=0.3,
+        attempts=4,
+        backoff=0.01,
+        backoff_max=0.01,
+        rate_limit_backoff=0.01,
+        max_wait=0.2,
+    )
+    sim.seed_c2c(APP, "a", "b", "k")
+    sim.fail_next(4, 60007)
+    started = time.monotonic()
+    outcome = await api.recall_c2c(APP, "a", "b", "k")
+    elapsed = time.monotonic() - started
+    assert ("failed", 60007) == (outcome.status, outcome.tencent_code)
+    assert elapsed <= api.longest_call
+    assert len(sim.requests) < 4  # without the deadline every retry waits a second for its token
