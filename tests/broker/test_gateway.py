@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -22,14 +23,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from relay.app import API, PUBLISHER, create_app
+from relay.app import API, METRICS, PUBLISHER, create_app
 from relay.publisher import AmqpPublisher
 from relay.tencent.callback import C2C_RECALL
 from relay.tencent.samples import callback_query
 from relay.tencent.sends import C2C_SEND
 from tests.broker.test_publish import queue_depth, read_messages
 from tests.faults.node import free_port
-from tests.helpers import APP, TOKEN, load_schema, make_settings, validate_event
+from tests.helpers import AMQP_URL, APP, TOKEN, load_schema, make_settings, validate_event
 from tests.tencent_sim import TencentSim
 
 pytestmark = pytest.mark.broker
@@ -177,9 +178,8 @@ async def test_group_recall_end_to_end(make_stack: StackFactory) -> None:
     events = await stack.audit(4)
     revoked = by_type(events, "message.revoked")
     assert 2 == len(by_type(events, "message.recall_requested"))
-    assert [("spam link", {"userID": "mod_7", "role": "moderator"})] * 2 == [
-        (e["reason"], e["operator"]) for e in revoked
-    ]
+    operator = {"userID": "mod_7", "role": "moderator", "assertedBy": "moderation-svc", "verifiedBy": None}
+    assert [("spam link", operator)] * 2 == [(e["reason"], e["operator"]) for e in revoked]
     assert {r["eventID"] for r in answer["results"]} == {e["eventID"] for e in revoked}
     assert {f"144115-{s}-{stack.tag}" for s in (101, 102)} == {e["msgID"] for e in revoked}
     moderation = await stack.moderation(2)
@@ -353,6 +353,28 @@ async def test_the_rate_limit_holds_under_1000_requests(make_stack: StackFactory
 # -- across processes: a restart between request and callback, and the command queue ------------
 
 
+BUS_USER = "guest"  # the test broker's user: what RabbitMQ checks a command's user_id against
+
+
+def command_keys(tmp_path: Path, amqp_user: str = BUS_USER) -> str:
+    """A keys file with one key for the services on the bus, claiming *amqp_user*; its path."""
+    path = tmp_path / "keys.toml"
+    digest = hashlib.sha256(b"tok-bus-unused-0123456789").hexdigest()
+    path.write_text(f'[[key]]\nname = "bus-svc"\nsha256 = "{digest}"\napps = ["{APP}"]\namqp_user = "{amqp_user}"\n')
+    return str(path)
+
+
+def command(body: dict[str, Any], **properties: Any) -> aio_pika.Message:
+    """A command message as a service on the bus sends it: its user_id says who it is."""
+    return aio_pika.Message(orjson.dumps(body), **{"user_id": BUS_USER, **properties})
+
+
+async def drop_command_queue(amqp: aio_pika.abc.AbstractChannel, queue: str) -> None:
+    await amqp.queue_delete(queue)
+    await amqp.queue_delete(f"{queue}.dead")
+    await amqp.exchange_delete(f"{queue}.dead")
+
+
 def process_env(names: dict[str, str], amqp_url: str, sim_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     """gateway_env for ``relay serve`` in its own process (the apps and tokens make_settings adds in-process)."""
     return gateway_env(
@@ -478,49 +500,59 @@ async def test_a_restart_between_request_and_callback_still_joins(
     )
 
 
-async def test_the_command_queue_carries_out_a_request_and_replies(
-    make_stack: StackFactory, names: dict[str, str]
-) -> None:
-    """A request sent as an AMQP message is carried out, answered on reply_to, and acked."""
-    command_queue = f"{names['queue']}.commands"
-    stack = await make_stack(RELAY_COMMAND_QUEUE=command_queue)
-    relay_app = stack.relay.app
-    assert relay_app is not None
+async def command_stack(
+    make_stack: StackFactory, names: dict[str, str], tmp_path: Path, **env: str
+) -> tuple[Stack, str]:
+    """A stack consuming its own command queue, once the consumer is up."""
     from relay.app import COMMANDS
 
-    await asyncio.wait_for(relay_app[COMMANDS].consuming.wait(), 10)
+    queue = f"{names['queue']}.commands"
+    if "RELAY_API_KEYS_FILE" not in env:
+        env["RELAY_API_KEYS_FILE"] = command_keys(tmp_path)
+    stack = await make_stack(RELAY_COMMAND_QUEUE=queue, **env)
+    assert stack.relay.app is not None
+    await asyncio.wait_for(stack.relay.app[COMMANDS].consuming.wait(), 10)
+    return stack, queue
+
+
+async def test_the_command_queue_carries_out_a_request_and_replies(
+    make_stack: StackFactory, names: dict[str, str], tmp_path: Path
+) -> None:
+    """A request sent as an AMQP message by a known user is carried out as that user's key, answered
+    through direct reply-to, and acked."""
+    stack, command_queue = await command_stack(make_stack, names, tmp_path)
     stack.sim.seed_c2c(APP, "u_a", "u_b", f"q_{stack.tag}")
-    replies = await stack.amqp.declare_queue(exclusive=True)
     body = request(stack, {"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": f"q_{stack.tag}"}])
+    replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    direct = await stack.amqp.get_queue("amq.rabbitmq.reply-to", ensure=False)
+    tag = await direct.consume(replies.put, no_ack=True)
     try:
         await stack.amqp.default_exchange.publish(
-            aio_pika.Message(orjson.dumps(body), reply_to=replies.name, correlation_id="c-1"), routing_key=command_queue
+            command(body, reply_to="amq.rabbitmq.reply-to", correlation_id="c-1"), routing_key=command_queue
         )
-        (reply,) = await read_messages(stack.amqp, replies.name, 1, timeout=10)
+        reply = await asyncio.wait_for(replies.get(), 10)
         answer = orjson.loads(reply.body)
         assert (200, "c-1", "recalled") == (answer["status"], reply.correlation_id, answer["results"][0]["status"])
         await stack.sim.settle()
         (revoked,) = by_type(await stack.audit(2), "message.revoked")
-        assert "amqp" == revoked["recallRequest"]["requestedBy"]
+        assert ("bus-svc", "bus-svc") == (revoked["recallRequest"]["requestedBy"], revoked["operator"]["assertedBy"])
         assert 0 == await queue_depth(stack.amqp, command_queue)
     finally:
-        await stack.amqp.queue_delete(command_queue)
-        await stack.amqp.queue_delete(f"{command_queue}.dead")
-        await stack.amqp.exchange_delete(f"{command_queue}.dead")
+        await direct.cancel(tag)
+        await drop_command_queue(stack.amqp, command_queue)
 
 
-async def test_an_invalid_command_is_dead_lettered(make_stack: StackFactory, names: dict[str, str]) -> None:
-    """A command that can never be valid is rejected into <queue>.dead, with a 400 reply."""
-    command_queue = f"{names['queue']}.commands"
-    stack = await make_stack(RELAY_COMMAND_QUEUE=command_queue)
-    from relay.app import COMMANDS
-
-    assert stack.relay.app is not None
-    await asyncio.wait_for(stack.relay.app[COMMANDS].consuming.wait(), 10)
-    replies = await stack.amqp.declare_queue(exclusive=True)
+async def test_an_invalid_command_is_dead_lettered(
+    make_stack: StackFactory, names: dict[str, str], tmp_path: Path
+) -> None:
+    """A command that can never be valid goes to <queue>.dead with its reason header, and a 400 reply
+    to a queue under RELAY_COMMAND_REPLY_PREFIX."""
+    prefix = f"replies.{uuid.uuid4().hex[:8]}."
+    stack, command_queue = await command_stack(make_stack, names, tmp_path, RELAY_COMMAND_REPLY_PREFIX=prefix)
+    replies = await stack.amqp.declare_queue(prefix + "mine", exclusive=True)
     try:
         await stack.amqp.default_exchange.publish(
-            aio_pika.Message(b'{"reason": 1}', reply_to=replies.name), routing_key=command_queue
+            command({"reason": 1}, reply_to=replies.name), routing_key=command_queue
         )
         (reply,) = await read_messages(stack.amqp, replies.name, 1, timeout=10)
         assert (400, "invalid_request") == (
@@ -528,11 +560,88 @@ async def test_an_invalid_command_is_dead_lettered(make_stack: StackFactory, nam
             orjson.loads(reply.body)["error"]["code"],
         )
         (dead,) = await read_messages(stack.amqp, f"{command_queue}.dead", 1, timeout=10)
-        assert b'{"reason": 1}' == dead.body
+        assert (b'{"reason":1}', "invalid_request") == (dead.body, (dead.headers or {}).get("x-relay-refusal"))
     finally:
+        await drop_command_queue(stack.amqp, command_queue)
+
+
+@pytest.mark.parametrize(
+    ("keys_user", "properties", "reason"),
+    [
+        pytest.param(BUS_USER, {"user_id": None}, "no_user_id", id="no-user-id"),
+        pytest.param("another-user", {}, "unknown_caller", id="unknown-user"),
+        pytest.param(BUS_USER, {"reply_to": "MODERATION"}, "reply_to_not_allowed", id="reply-into-moderation-queue"),
+    ],
+)
+async def test_3_a_command_from_no_known_caller_or_replying_elsewhere_is_refused_unread(
+    make_stack: StackFactory,
+    names: dict[str, str],
+    tmp_path: Path,
+    keys_user: str,
+    properties: dict[str, Any],
+    reason: str,
+) -> None:
+    """Without a user_id, from a user no key claims, or with reply_to naming someone else's queue:
+    Tencent is not called, nothing is published anywhere, the message is dead-lettered with
+    x-relay-refusal, and the refusal is counted."""
+    stack, command_queue = await command_stack(
+        make_stack, names, tmp_path, RELAY_API_KEYS_FILE=command_keys(tmp_path, keys_user)
+    )
+    if properties.get("reply_to") == "MODERATION":
+        properties = {"reply_to": names["queue2"]}
+    body = request(stack, {"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k-refused"}])
+    try:
+        await stack.amqp.default_exchange.publish(command(body, **properties), routing_key=command_queue)
+        (dead,) = await read_messages(stack.amqp, f"{command_queue}.dead", 1, timeout=10)
+        assert reason == (dead.headers or {}).get("x-relay-refusal")
+        assert [] == stack.sim.bodies("admin_msgwithdraw")
+        assert (0, 0) == (
+            await queue_depth(stack.amqp, names["queue2"]),
+            await queue_depth(stack.amqp, names["queue"]),
+        )
+        assert stack.relay.app is not None
+        metrics = stack.relay.app[METRICS].registry
+        assert 1 == metrics.get_sample_value("relay_command_refusals_total", {"reason": reason})
+    finally:
+        await drop_command_queue(stack.amqp, command_queue)
+
+
+async def test_6_a_command_queue_that_cannot_be_consumed_is_reported_and_retried(
+    make_stack: StackFactory, names: dict[str, str], tmp_path: Path
+) -> None:
+    """The queue exists as a classic queue: the consumer says why in the log, in /readyz's body and
+    in relay_command_consumer_up, callbacks stay ready, and it consumes once the queue is fixed."""
+    from relay.app import COMMANDS
+
+    command_queue = f"{names['queue']}.commands"
+    await stack_free_classic(names, command_queue)
+    stack = await make_stack(RELAY_COMMAND_QUEUE=command_queue, RELAY_API_KEYS_FILE=command_keys(tmp_path))
+    try:
+        assert stack.relay.app is not None
+        registry = stack.relay.app[METRICS].registry
+        async with asyncio.timeout(10):
+            while stack.relay.app[COMMANDS].last_error is None:
+                await asyncio.sleep(0.05)
+        ready = await stack.relay.get("/readyz")
+        body = await ready.json()
+        assert (200, False) == (ready.status, body["commands"]["consuming"])
+        assert "quorum" in body["commands"]["error"]
+        assert 0 == registry.get_sample_value("relay_command_consumer_up")
         await stack.amqp.queue_delete(command_queue)
-        await stack.amqp.queue_delete(f"{command_queue}.dead")
-        await stack.amqp.exchange_delete(f"{command_queue}.dead")
+        await asyncio.wait_for(stack.relay.app[COMMANDS].consuming.wait(), 40)
+        assert 1 == registry.get_sample_value("relay_command_consumer_up")
+        assert (await (await stack.relay.get("/readyz")).json())["commands"]["consuming"]
+    finally:
+        await drop_command_queue(stack.amqp, command_queue)
+
+
+async def stack_free_classic(names: dict[str, str], queue: str) -> None:
+    """Declare *queue* as a durable classic queue, as an operator might have by hand."""
+    del names
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
 
 
 async def test_a_command_is_redelivered_after_a_consumer_crash(
@@ -547,13 +656,22 @@ async def test_a_command_is_redelivered_after_a_consumer_crash(
     relay, which carries it out (Tencent: already recalled) and acks it; the audit events of both
     attempts share their eventIDs, so consumers see one request."""
     command_queue = f"{names['queue']}.commands"
-    env = process_env(names, amqp_url, sim.url, tmp_path, RELAY_COMMAND_QUEUE=command_queue, RELAY_TENCENT_TIMEOUT="10")
+    env = process_env(
+        names,
+        amqp_url,
+        sim.url,
+        tmp_path,
+        RELAY_COMMAND_QUEUE=command_queue,
+        RELAY_TENCENT_TIMEOUT="10",
+        RELAY_API_KEYS_FILE=command_keys(tmp_path),
+        RELAY_COMMAND_REPLY_PREFIX="crash-replies.",
+    )
     port, api_port = free_port(), free_port()
     tag = uuid.uuid4().hex[:8]
     sim.seed_c2c(APP, "u_a", "u_b", f"crash_{tag}")
     sim.delay_next(1, 5.0)  # the first relay's call is answered only after it is gone
     sim.callbacks_to(f"http://127.0.0.1:{port}/tencent-im/callback", APP, TOKEN, when="never")
-    replies = await amqp.declare_queue(exclusive=True)
+    replies = await amqp.declare_queue(f"crash-replies.{tag}", exclusive=True)
     first = RelayProcess(env, port, api_port)
     processes.append(first)
     await first.start()
@@ -567,9 +685,7 @@ async def test_a_command_is_redelivered_after_a_consumer_crash(
             "reason": "spam",
             "moderator": {"userID": "mod_1"},
         }
-        await amqp.default_exchange.publish(
-            aio_pika.Message(orjson.dumps(body), reply_to=replies.name), routing_key=command_queue
-        )
+        await amqp.default_exchange.publish(command(body, reply_to=replies.name), routing_key=command_queue)
         async with asyncio.timeout(10):
             while not sim.bodies("admin_msgwithdraw"):
                 await asyncio.sleep(0.05)

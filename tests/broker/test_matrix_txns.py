@@ -29,14 +29,14 @@ async def test_an_answered_transaction_is_seen_by_every_replica_for_a_day(
     redis_url: str,
     namespace: str,
 ) -> None:
-    """What one relay remembers another sees (same registration), with a one-day TTL; another
-    registration's namespace does not see it."""
+    """What one relay remembers (the digest of the transaction's events) another sees (same
+    registration), with a one-day TTL; another registration's namespace does not see it."""
     first, second = RedisTransactionLog(redis_url, namespace), RedisTransactionLog(redis_url, namespace)
     other = RedisTransactionLog(redis_url, "other-" + namespace)
     try:
-        assert not await second.answered("17")
-        await first.remember("17")
-        assert (True, False) == (await second.answered("17"), await other.answered("17"))
+        assert await second.answered("17") is None
+        await first.remember("17", b"digest-17")
+        assert (b"digest-17", None) == (await second.answered("17"), await other.answered("17"))
         client = aioredis.Redis.from_url(redis_url)
         ttl = await client.ttl(f"{KEY_PREFIX}{namespace}:17")
         await client.aclose()
@@ -51,7 +51,7 @@ async def test_an_unreachable_redis_counts_as_not_answered_and_never_raises() ->
     eventIDs) and a write is dropped; both are logged, neither raises."""
     txns = RedisTransactionLog("redis://127.0.0.1:1/0", "ns")
     with capture_logs() as logs:
-        await txns.remember("1")
-        assert not await txns.answered("1")
+        await txns.remember("1", b"d")
+        assert await txns.answered("1") is None
     await txns.close()
     assert ["put"] == [e["op"] for e in logs if e["event"] == "relay.matrix_txn_log_error"]
