@@ -168,7 +168,7 @@ rendered, alerts_path = pathlib.Path(sys.argv[1]), sys.argv[2]
 alerts = yaml.safe_load(open(alerts_path))
 problems, checked = [], 0
 # The relay's own bound on recalls in flight at shutdown (read from the code, so both stay in step).
-API_SHUTDOWN_TIMEOUT = float(re.search(r"^API_SHUTDOWN_TIMEOUT = ([0-9.]+)", pathlib.Path("relay/cli.py").read_text(), re.M).group(1))
+API_SHUTDOWN_TIMEOUT = float(re.search(r"^API_SHUTDOWN_TIMEOUT = ([0-9.]+)", pathlib.Path("relay/app.py").read_text(), re.M).group(1))
 
 def need(cond, msg):
     if not cond:
@@ -187,7 +187,7 @@ for core_path in sorted(rendered.glob("*.core.yaml")):
     ctr = pod["containers"][0]
 
     # Shutdown budget: grace >= preStop + shutdown delay + recalls in flight on the API port
-    # (relay.cli.API_SHUTDOWN_TIMEOUT) + in-flight callbacks (publish timeout + 2) + drain + 2.
+    # (relay.app.API_SHUTDOWN_TIMEOUT) + in-flight callbacks (publish timeout + 2) + drain + 2.
     pre = ctr["lifecycle"]["preStop"]
     pre_s = float(pre["exec"]["command"][-1]) if "exec" in pre else float(pre["sleep"]["seconds"])
     need_s = pre_s + float(cm["RELAY_SHUTDOWN_DELAY"]) + API_SHUTDOWN_TIMEOUT + float(cm["RELAY_PUBLISH_TIMEOUT"]) + 2 \
