@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,6 @@ from tests.helpers import APP, TOKEN, validate_event
 
 pytestmark = pytest.mark.broker
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 class Scenario:

@@ -23,13 +23,6 @@ pytestmark = pytest.mark.broker
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[MemoryStore | RedisStore]:
     metrics = Metrics(CollectorRegistry())

@@ -25,6 +25,13 @@ ATTRIBUTION = "attribution:moderation-svc/ticket-4711"
 RECORD = Attribution(REQUEST, "spam link — 广告", "mod_7", "moderation-svc", None).encode()
 ADMIN = "administrator"
 MODERATOR = Moderator("mod_7", asserted_by="svc")
+AUDIT_KW: dict[str, Any] = {
+    "requested_by": "svc",
+    "moderator": MODERATOR,
+    "requested_at_ms": 1,
+    "at_ms": 2,
+    "tencent_reason": None,
+}
 
 
 def recall(body: dict[str, Any], platform: str | None) -> RevokeEvent:
@@ -231,13 +238,7 @@ def test_audit_events_satisfy_their_schema_and_name_the_revocation() -> None:
 def test_audit_event_ids_are_deterministic_per_request_and_message() -> None:
     """The same request carried out again yields the same eventIDs; another message, another ID."""
     cmd = recall_command({"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k1"}, {"msgKey": "k2"}])
-    kw: dict[str, Any] = {
-        "requested_by": "svc",
-        "moderator": MODERATOR,
-        "requested_at_ms": 1,
-        "at_ms": 2,
-        "tencent_reason": None,
-    }
+    kw: dict[str, Any] = dict(AUDIT_KW)
     first = [audit_envelope(REQUESTED, cmd, t, **kw).event_id for t in cmd.messages]
     again = [audit_envelope(REQUESTED, cmd, t, **{**kw, "at_ms": 99}).event_id for t in cmd.messages]
     assert first == again
@@ -247,13 +248,7 @@ def test_audit_event_ids_are_deterministic_per_request_and_message() -> None:
 def test_a_failed_audit_event_without_a_status_is_invalid() -> None:
     """The schema tells the two kinds apart: recall_failed must say why."""
     cmd = recall_command({"type": "c2c", "sender": "u_a", "receiver": "u_b"}, [{"msgKey": "k1"}])
-    kw: dict[str, Any] = {
-        "requested_by": "svc",
-        "moderator": MODERATOR,
-        "requested_at_ms": 1,
-        "at_ms": 2,
-        "tencent_reason": None,
-    }
+    kw: dict[str, Any] = dict(AUDIT_KW)
     body = orjson.loads(audit_envelope(FAILED, cmd, cmd.messages[0], **kw).body)
     with pytest.raises(jsonschema.ValidationError):
         AUDIT.validate(body)
