@@ -40,9 +40,14 @@ LEGACY_ENTRY = b"1"  # what a relay before the digest kept: answered, content un
 
 
 def digest(events: list[object]) -> bytes:
-    """What identifies a transaction's content: its events, keys sorted (a retry may serialize the
-    same JSON differently), hashed."""
-    return hashlib.sha256(orjson.dumps(events, option=orjson.OPT_SORT_KEYS)).hexdigest().encode()
+    """What identifies a transaction's content: the IDs of its events, hashed. Not the events' JSON:
+    a homeserver's retry carries the same events with other ``unsigned`` data (Synapse updates
+    ``unsigned.age``), measured against a real Synapse (tests/synapse)."""
+    ids = sorted(
+        e["event_id"] if isinstance(e, dict) and isinstance(e.get("event_id"), str) else orjson.dumps(e).decode()
+        for e in events
+    )
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest().encode()
 
 
 class TransactionLog(Protocol):

@@ -7,7 +7,7 @@ import yaml
 
 from relay.cli import main
 from relay.errors import ConfigError
-from relay.matrix.transactions import MemoryTransactionLog
+from relay.matrix.transactions import MemoryTransactionLog, digest
 from relay.settings import Settings
 
 HS = "hs_0123456789abcdefghij"
@@ -109,3 +109,11 @@ async def test_memory_transaction_log_expires_and_is_bounded() -> None:
         await txns.answered("c"),
         len(txns),
     )
+
+
+def test_a_retry_with_other_unsigned_data_is_the_same_transaction() -> None:
+    """Synapse resends a transaction with unsigned.age changed: same digest; other events: another."""
+    first = [{"event_id": "$a", "type": "m.room.redaction", "unsigned": {"age": 10}}]
+    retry = [{"event_id": "$a", "type": "m.room.redaction", "unsigned": {"age": 2510}}]
+    other = [{"event_id": "$b", "type": "m.room.redaction", "unsigned": {"age": 10}}]
+    assert digest(first) == digest(retry) != digest(other)
