@@ -7,29 +7,39 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 # Demo configuration for `make run` and `make sample` only; override any of them in the environment.
 run sample: export RELAY_SDKAPPIDS ?= 1400000001
 run sample: export RELAY_CALLBACK_TOKENS ?= 1400000001=change-me-demo-token
-run sample: export RELAY_QUEUES ?= moderation.revocations,audit.revocations
+run sample: export RELAY_QUEUES ?= moderation.revocations
+run sample: export RELAY_AUDIT_QUEUES ?= audit.revocations
 run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 IMAGE ?= localhost/revoke-relay:dev
 
 .PHONY: run sample test lint typecheck ops pytest faults faults-cluster bench broker synapse image image-test clean
 
-$(STAMP): pyproject.toml constraints.txt
+# What serving needs (make run); the test extras come on top (make test and the other targets).
+$(RUN_STAMP): pyproject.toml constraints.txt
+	@echo "make: creating $(VENV) and installing revoke-relay (first run: about 20 s)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	@echo "make: installing the test and lint tools into $(VENV)"
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP) broker
+run: $(RUN_STAMP) broker
 	$(BIN)/relay check-config
+	@echo "make: starting the relay on :8080 (Ctrl-C stops it); in another terminal: make sample"
 	$(BIN)/relay serve
 
 # Post a signed sample recall to the relay started by `make run` (KIND=c2c|group|official_account).
-sample: $(STAMP)
+sample: $(RUN_STAMP)
 	$(BIN)/relay send-sample --kind $(KIND)
 
 broker:

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import log as relay_log
+from relay import probe
 from relay.app import (
     API,
     KEYRING,
@@ -44,7 +45,7 @@ from relay.settings import Settings
 from relay.spool import Spool, SpoolStore
 from relay.tail import DEFAULT_KEY, tail
 from relay.tencent.samples import KINDS, callback_query, encode, sample_body
-from relay.workers import socket_path, supervise, worker_slot
+from relay.workers import EXIT_CANNOT_LISTEN, socket_path, supervise, worker_slot
 
 log = structlog.get_logger()
 
@@ -59,12 +60,36 @@ def _settings(env: Mapping[str, str], *, require_apps: bool = True) -> Settings 
         return None
 
 
-def cmd_check_config(_: argparse.Namespace, env: Mapping[str, str]) -> int:
+def cmd_check_config(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(env)
     if settings is None:
         return 1
-    print(f"configuration OK: {settings!r}")
+    print("configuration OK (secrets shown as ***):")
+    width = max(len(name) for name in settings.shown())
+    for name, value in settings.shown().items():
+        print(f"  {name:<{width}}  {_display(value)}")
+    for warning in settings.warnings.values():
+        print(f"warning: {warning}")
+    if not args.probe:
+        return 0
+    print("probing (each endpoint within 5 s):")
+    results = asyncio.run(probe.probe(settings))
+    for result in results:
+        print(f"  {result.line()}")
+    if probe.failed(results):
+        print("check-config: a required endpoint did not answer", file=sys.stderr)
+        return 2
     return 0
+
+
+def _display(value: object) -> str:
+    if isinstance(value, frozenset | set):
+        return ", ".join(sorted(map(str, value))) or "-"
+    if isinstance(value, tuple | list):
+        return ", ".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return "-" if value is None else str(value)
 
 
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -90,6 +115,19 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return runner.run(serve(settings, slot))
 
 
+async def _listen(site: web.TCPSite, setting: str, host: str, port: int) -> bool:
+    """Start listening; on failure (a port in use, an address not on this host) say which setting
+    and port, in one line, and return False."""
+    try:
+        await site.start()
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        log.error("relay.listen_failed", setting=setting, host=host, port=port, error=why)
+        print(f"relay: cannot listen on {host}:{port} ({setting}): {why}", file=sys.stderr)
+        return False
+    return True
+
+
 async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then shut down in the order Kubernetes needs.
 
@@ -103,7 +141,9 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     await runner.setup()
     # SO_REUSEPORT under --workers: every worker binds the port, the kernel spreads connections.
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None)
-    await site.start()
+    if not await _listen(site, "RELAY_PORT", settings.host, settings.port):
+        await runner.cleanup()
+        return EXIT_CANNOT_LISTEN
     local: tuple[web.AppRunner, Path] | None = None
     if worker is not None:
         path = socket_path(settings.port, worker[0])
@@ -116,16 +156,16 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
         # The recall API: its own listener, so the callback port can face the internet alone.
         api = api_runner(app)
         await api.setup()
-        await web.TCPSite(api, settings.api_host, settings.api_port, reuse_port=worker is not None).start()
+        api_site = web.TCPSite(api, settings.api_host, settings.api_port, reuse_port=worker is not None)
+        if not await _listen(api_site, "RELAY_API_PORT", settings.api_host, settings.api_port):
+            await api.cleanup()
+            await runner.cleanup()
+            if local is not None:
+                await local[0].cleanup()
+            return EXIT_CANNOT_LISTEN
         log.info("relay.api_started", host=settings.api_host, port=settings.api_port, keys=app[KEYRING].names)
-        unscoped = sorted(settings.api_tokens)
-        if unscoped:
-            log.warning(
-                "relay.api_tokens_unscoped",
-                keys=unscoped,
-                detail="RELAY_API_TOKENS keys may recall in every app and conversation naming any moderator;"
-                " move them to RELAY_API_KEYS_FILE with scopes",
-            )
+    for code, warning in settings.warnings.items():
+        log.warning(f"relay.{code}", detail=warning)
     log.info("relay.started", host=settings.host, port=settings.port, exchange=settings.exchange)
     # Everything built so far lives as long as the process: keep it out of every later garbage
     # collection, whose full passes over it otherwise cost tens of ms (the latency tail).
@@ -169,7 +209,11 @@ def cmd_send_sample(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         settings = None
     app_id = args.sdkappid or (sorted(settings.accepted_apps)[0] if settings and settings.accepted_apps else None)
     if app_id is None:
-        print("send-sample: no SdkAppid; pass --sdkappid or set RELAY_SDKAPPIDS", file=sys.stderr)
+        print(
+            "send-sample: no SdkAppid: pass --sdkappid (and --token for a signed app), set RELAY_SDKAPPIDS /"
+            " RELAY_CALLBACK_TOKENS as the relay has them, or, for the `make run` demo, run `make sample`",
+            file=sys.stderr,
+        )
         return 1
     token = args.token
     if token is None and settings is not None:
@@ -360,8 +404,9 @@ def cmd_recall(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     port = settings.api_port if settings else 8081
     host = settings.api_host if settings and settings.api_host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
     url = args.url or f"http://{host}:{port}/v1/recalls"
-    status, reply = asyncio.run(_post(url, orjson.dumps(request), {"Authorization": f"Bearer {token}"}))
-    print(f"POST {url} -> {status}")
+    status, reply, headers = asyncio.run(_post_full(url, orjson.dumps(request), {"Authorization": f"Bearer {token}"}))
+    replayed = " (replayed: the stored answer to this requestID; Tencent was not called again)"
+    print(f"POST {url} -> {status}{replayed if headers.get('Idempotent-Replayed') == 'true' else ''}")
     try:
         print(orjson.dumps(orjson.loads(reply), option=orjson.OPT_INDENT_2).decode())
     except orjson.JSONDecodeError:
@@ -406,11 +451,18 @@ def cmd_matrix_registration(args: argparse.Namespace, env: Mapping[str, str]) ->
 
 
 async def _post(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
+    status, text, _ = await _post_full(url, body, headers)
+    return status, text
+
+
+async def _post_full(
+    url: str, body: bytes, headers: Mapping[str, str] | None = None
+) -> tuple[int, str, Mapping[str, str]]:
     async with (
         aiohttp.ClientSession() as session,
         session.post(url, data=body, headers={"Content-Type": "application/json", **(headers or {})}) as response,
     ):
-        return response.status, await response.text()
+        return response.status, await response.text(), dict(response.headers)
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -419,7 +471,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     serve_ = sub.add_parser("serve", help="run the relay")
     serve_.add_argument("--workers", type=int, help="processes sharing the port (default: RELAY_WORKERS or 1)")
     serve_.set_defaults(func=cmd_serve)
-    sub.add_parser("check-config", help="validate the RELAY_* environment").set_defaults(func=cmd_check_config)
+    check = sub.add_parser("check-config", help="validate the RELAY_* environment")
+    check.add_argument(
+        "--probe", action="store_true", help="also connect to the broker, Redis and Tencent; exit 2 if one fails"
+    )
+    check.set_defaults(func=cmd_check_config)
     sample = sub.add_parser("send-sample", help="post a signed sample recall callback to a running relay")
     sample.add_argument("--kind", choices=sorted(KINDS), default="c2c")
     sample.add_argument("--items", type=int, default=1, help="messages per group/official-account callback")

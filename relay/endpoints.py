@@ -147,6 +147,9 @@ def parse_endpoint(raw: str) -> Endpoint:
         url = URL(raw)
         scheme, host, port = url.scheme, url.host, url.port
     except ValueError as exc:
+        # The library's message may quote the URL, and with it the password: say what is wrong instead.
+        if "port" in str(exc).lower():
+            raise EndpointError("the port must be a number from 1 to 65535") from None
         raise EndpointError(f"not a valid URL ({type(exc).__name__})") from None
     if scheme not in DEFAULT_PORTS:
         raise EndpointError(f"{_shown(url)}: must start with amqp:// or amqps://")

@@ -112,23 +112,46 @@ class Settings:
     matrix_as_token: str | None = field(default=None, repr=False)
     matrix_max_body_bytes: int = 8 * 1024 * 1024
 
+    def shown(self) -> dict[str, object]:
+        """Every setting as it may be printed: secrets as ``***`` (or, for keys and tokens, their
+        names or apps only), URLs without their passwords."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.repr:
+                out[f.name] = value
+            elif f.name == "amqp_url":
+                out[f.name] = redact(value)
+            elif f.name == "redis_url":
+                out[f.name] = redact_url(value) if value else None
+            elif f.name in ("callback_tokens", "api_tokens", "tencent_secret_keys"):
+                out[f.name] = {name: "***" for name in value}
+            elif f.name == "api_keys":
+                out[f.name] = [key.name for key in value]
+            elif value:  # the Matrix tokens
+                out[f.name] = "***"
+        return out
+
     def __repr__(self) -> str:
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
-        tokens = {app: "***" for app in self.callback_tokens}
-        redis = redact_url(self.redis_url) if self.redis_url else None
-        api_tokens = {name: "***" for name in self.api_tokens}
-        api_keys = [key.name for key in self.api_keys]
-        keys = {app: "***" for app in self.tencent_secret_keys}
-        matrix = "".join(
-            f", {name}='***'"
-            for name, value in (("matrix_hs_token", self.matrix_hs_token), ("matrix_as_token", self.matrix_as_token))
-            if value
-        )
-        return (
-            f"Settings(amqp_url={redact(self.amqp_url)!r}, {shown}, callback_tokens={tokens!r}, "
-            f"redis_url={redis!r}, api_tokens={api_tokens!r}, api_keys={api_keys!r}, tencent_secret_keys={keys!r}"
-            f"{matrix})"
-        )
+        return "Settings(" + ", ".join(f"{name}={value!r}" for name, value in self.shown().items()) + ")"
+
+    @property
+    def warnings(self) -> dict[str, str]:
+        """What is valid but probably not meant, by code (``relay check-config`` prints them, ``serve``
+        logs each as ``relay.<code>``)."""
+        out: dict[str, str] = {}
+        if self.gateway and not self.audit_queues:
+            out["gateway_without_audit_queue"] = (
+                "the recall gateway is on but RELAY_AUDIT_QUEUES is empty: nothing binds message.#, so the audit"
+                " events (message.recall_requested, message.recall_failed) are returned as unroutable and wait in"
+                " the spool, and every later event waits behind them"
+            )
+        if self.api_tokens:
+            out["api_tokens_unscoped"] = (
+                f"RELAY_API_TOKENS keys ({', '.join(sorted(self.api_tokens))}) are unscoped: they may recall in every"
+                " app and conversation naming any moderator; prefer RELAY_API_KEYS_FILE"
+            )
+        return out
 
     @property
     def amqp_endpoints(self) -> tuple[Endpoint, ...]:
@@ -295,6 +318,8 @@ class Settings:
                 problems.append(
                     f"RELAY_REDIS_URL: must start with redis://, rediss:// or unix://, got {redact_url(redis_url)!r}"
                 )
+            elif not _port_ok(redis_url):
+                problems.append("RELAY_REDIS_URL: the port must be a number from 1 to 65535")
             else:
                 values["redis_url"] = redis_url
 
@@ -315,9 +340,23 @@ class Settings:
                 values[key] = raw.lower()
 
         _gateway_from_env(get, number, values, problems)
+        gateway_api = bool(values.get("api_tokens")) or "api_keys_file" in values
+        port, api_port = values.get("port", 8080), values.get("api_port", 8081)
+        if gateway_api and port == api_port and port != 0:
+            # Two listeners on one port: with --workers (SO_REUSEPORT) both start and the kernel
+            # hands each connection to either, so Tencent's callbacks would get the API's 404s.
+            problems.append(f"RELAY_API_PORT: {api_port} is also RELAY_PORT; the recall API needs a port of its own")
         if problems:
             raise ConfigError(problems)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _port_ok(url: str) -> bool:
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    return port is None or port > 0
 
 
 def _split(raw: str | None) -> list[str]:

@@ -31,6 +31,14 @@ def _clean(value: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in text) or "-"
 
 
+def _reason(value: object, limit: int = 120) -> str:
+    """`` reason="…"`` (cut to *limit* characters), or nothing when there is none."""
+    if not isinstance(value, str) or not value:
+        return ""
+    text = _clean(value).replace('"', "'")
+    return f' reason="{text[:limit]}{"…" if len(text) > limit else ""}"'
+
+
 def _object(value: object) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
 
@@ -39,7 +47,8 @@ def render(message: AbstractIncomingMessage, *, as_json: bool) -> str:
     """One output line: the event with its routing key and message_id (JSON), or an aligned summary:
     event time, conversation type, eventID, operator role/userID, sender, msgID; for the recall
     gateway's audit events the request's time and moderator, then the event type, requestID and
-    (for a failure) status and Tencent's code."""
+    (for a failure) status and Tencent's code; then, for either, the requestID of a joined
+    revocation and the reason."""
     try:
         event = orjson.loads(message.body)
     except orjson.JSONDecodeError:
@@ -60,7 +69,11 @@ def render(message: AbstractIncomingMessage, *, as_json: bool) -> str:
         parts = [_clean(event.get("type")), f"request={_clean(event.get('requestID'))}"]
         if event.get("status") is not None:
             parts += [f"status={_clean(event.get('status'))}", f"tencentCode={_clean(event.get('tencentCode'))}"]
-        extra = f"  [{' '.join(parts)}]"
+        extra = f"  [{' '.join(parts)}]{_reason(event.get('reason'))}"
+    else:
+        # A revocation: the reason (a recall-gateway request's, or a Matrix redaction's) and its requestID.
+        request = _object(event.get("recallRequest")).get("requestID")
+        extra = (f"  [request={_clean(request)}]" if request is not None else "") + _reason(event.get("reason"))
     by = f"{_clean(operator.get('role'))}/{_clean(operator.get('userID'))}"
     # Fixed-width columns first and the msgID (any length) last, so the columns line up.
     return (

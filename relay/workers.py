@@ -50,6 +50,9 @@ def socket_path(port: int, index: int) -> Path:
     return Path(tempfile.gettempdir()) / f"revoke-relay-{port}-w{index}.sock"
 
 
+EXIT_CANNOT_LISTEN = 78  # EX_CONFIG: a worker that cannot bind its port (relay.cli.serve) is not restarted
+
+
 def supervise(count: int, argv: list[str]) -> int:
     """Run *count* workers until SIGTERM/SIGINT; restart any that exits on its own; pass SIGHUP on."""
     workers: dict[int, subprocess.Popen[bytes]] = {}
@@ -93,6 +96,12 @@ def supervise(count: int, argv: list[str]) -> int:
             code = proc.poll()
             if code is None or index in codes:
                 continue
+            if stop_signal is None and code == EXIT_CANNOT_LISTEN:
+                # Its port cannot be had (in use by another program): restarting would fail the same way.
+                log.error("relay.worker_cannot_listen", worker=index, code=code)
+                stop(signal.SIGTERM, None)
+                codes[index] = code
+                continue
             if stop_signal is None:
                 log.error("relay.worker_exited", worker=index, code=code, restart_in=_RESTART_DELAY)
                 time.sleep(_RESTART_DELAY)
@@ -101,6 +110,8 @@ def supervise(count: int, argv: list[str]) -> int:
                 continue
             start(index)
     log.info("relay.workers_stopped", codes=codes)
+    if EXIT_CANNOT_LISTEN in codes.values():
+        return EXIT_CANNOT_LISTEN
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 

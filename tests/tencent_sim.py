@@ -1,11 +1,12 @@
 """A Tencent IM REST simulator for the recall gateway's tests: the three recall APIs on 127.0.0.1.
 
-It behaves like Tencent as /work/shared/reference/tencent-im-rest-recall.md describes it: it checks
-the UserSig with its own decoding (not relay's, so each cross-checks the other), the query, the
-required fields and the limit of 10 per call; it answers 200 calls/s per API per app and a
-rate-limit code past that; it keeps the messages a test seeds and answers not found / already
-recalled truthfully; and it sends the matching signed recall callback to the relay, before its HTTP
-answer, after it, or not at all. Faults are scripted per call. Everything it saw is recorded.
+It behaves like Tencent's REST recall APIs as their documentation describes them (docs/recall-gateway.md
+sums up what the relay relies on): it checks the UserSig with its own decoding (not relay's, so each
+cross-checks the other), the query, the required fields and the limit of 10 per call; it answers
+200 calls/s per API per app and a rate-limit code past that; it keeps the messages a test seeds and
+answers not found / already recalled truthfully; and it sends the matching signed recall callback to
+the relay, before its HTTP answer, after it, or not at all. Faults are scripted per call. Everything
+it saw is recorded.
 
     async with TencentSim({"1400000001": KEY}) as sim:
         sim.seed_group("1400000001", "@TGS#1", 101, msg_id="144115-1767225500-1")

@@ -230,8 +230,9 @@ async def test_request_ids_belong_to_their_caller(gw: Gateway) -> None:
 async def test_a_reused_request_id_with_another_body_is_409(gw: Gateway) -> None:
     """The same requestID with different content is a conflict, not a replay."""
     await gw.recall(request())
-    status, body, _ = await gw.recall({**request(), "reason": "something else"})
+    status, body, headers = await gw.recall({**request(), "reason": "something else"})
     assert (409, "request_id_conflict") == (status, body["error"]["code"])
+    assert "Retry-After" not in headers  # retrying the same conflict cannot help
     assert 1 == len(gw.tencent.calls)
 
 
@@ -384,8 +385,12 @@ async def test_relay_recall_posts_what_its_flags_say(gw: Gateway, capsys: pytest
     assert 0 == await asyncio.to_thread(main, argv, env)
     assert [("group", (APP, "@TGS#9", "T1", (5, 6), "spam"))] == gw.tencent.calls
     out = capsys.readouterr().out
-    assert "-> 200" in out
+    assert "-> 200\n" in out
     assert '"requestID": "cli-1"' in out
+    assert 0 == await asyncio.to_thread(main, argv, env)
+    assert "-> 200 (replayed: the stored answer to this requestID; Tencent was not called again)" in (
+        capsys.readouterr().out
+    )
     c2c = ["recall", "--url", url, "--c2c", "u_a", "u_b", "--key", "k1", "--reason", "r", "--moderator", "m"]
     assert 0 == await asyncio.to_thread(main, c2c, env)
     assert ("c2c", (APP, "u_a", "u_b", "k1")) == gw.tencent.calls[-1]

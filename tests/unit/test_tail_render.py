@@ -53,10 +53,18 @@ def test_an_audit_event_shows_its_request_time_moderator_and_kind() -> None:
         f"msg={key}",
         "[message.recall_requested",
         "request=ticket-4712]",
+        'reason="spam',
+        'link"',
     ] == line(requested.body)
-    assert [f"msg={key}", "[message.recall_failed", "request=ticket-4712", "status=rejected", "tencentCode=10007]"] == (
-        line(failed.body)[5:]
-    )
+    assert [
+        f"msg={key}",
+        "[message.recall_failed",
+        "request=ticket-4712",
+        "status=rejected",
+        "tencentCode=10007]",
+        'reason="spam',
+        'link"',
+    ] == line(failed.body)[5:]
 
 
 def test_a_revocation_line_is_unchanged() -> None:
@@ -78,3 +86,21 @@ def test_a_revocation_line_is_unchanged() -> None:
         "from=-",
         "msg=144115-@TGS#demo-101",
     ] == line(orjson.dumps(event))
+
+
+def test_a_revocation_with_a_reason_shows_its_request_and_reason() -> None:
+    """A joined revocation ends with its requestID and its reason, quoted and cleaned."""
+    event = {
+        "type": "message.revoked",
+        "eventTime": "2026-12-02T08:10:18.530Z",
+        "conversation": {"type": "group"},
+        "eventID": "e1",
+        "operator": {"role": "moderator", "userID": "mod_7"},
+        "sender": None,
+        "msgID": "144115-@TGS#demo-101",
+        "reason": 'spam "link"',
+        "recallRequest": {"requestID": "ticket-4711"},
+    }
+    assert ["msg=144115-@TGS#demo-101", "[request=ticket-4711]", 'reason="spam', "'link'\""] == line(
+        orjson.dumps(event)
+    )[5:]
