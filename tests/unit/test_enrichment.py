@@ -10,10 +10,13 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.correlation import Enricher, MemoryStore, RedisStore, SendRecord
+from relay.enricher import Enricher
 from relay.errors import Reject, Rejection
 from relay.events import RevokeEvent
 from relay.metrics import Metrics
+from relay.store import SendRecord
+from relay.store.memory import MemoryStore
+from relay.store.redis import RedisStore
 from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.tencent.normalize import normalize
 from relay.tencent.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND, parse_send
@@ -289,7 +292,7 @@ async def test_memory_store_holds_records_compactly() -> None:
 async def test_redis_writer_falling_behind_slows_send_callbacks_instead_of_dropping() -> None:
     """A full write queue makes submit wait for room (FIFO); only past the wait is a record dropped."""
     metrics = Metrics(CollectorRegistry())
-    store = RedisStore("redis://127.0.0.1:1", 60, metrics)  # never connected: the queue is what is tested
+    store = RedisStore.from_url("redis://127.0.0.1:1", 60, metrics)  # never connected: the queue is what is tested
     store._queue = asyncio.Queue(2)
     await store.submit([SendRecord("k1", None, "u", None), SendRecord("k2", None, "u", None)])
     waiting = asyncio.create_task(store.submit([SendRecord("k3", None, "u", None)], wait=5))
