@@ -298,6 +298,9 @@ class Topology:
                 await self._monitor
         with contextlib.suppress(Exception):
             await self.client.aclose()
+        for sentinel in self.sentinel.sentinels if self.sentinel is not None else []:
+            with contextlib.suppress(Exception):
+                await sentinel.aclose()
 
 
 def _creds(options: RedisOptions, url: str) -> dict[str, Any]:

@@ -26,10 +26,6 @@ def available() -> bool:
     return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
 
-def sentinel_available() -> bool:
-    return available() and (shutil.which("redis-sentinel") is not None or True)  # redis-server --sentinel works too
-
-
 def _free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -46,8 +42,8 @@ class Server:
     stopped: bool = False
 
     def start(self) -> None:
-        log = open(self.directory / "server.log", "ab")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen(self.args, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.directory / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(self.args, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT)
         self.stopped = False
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
