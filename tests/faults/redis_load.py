@@ -48,10 +48,13 @@ class Outcome:
     tencent_calls: int = 0
     fault_at: float = 0.0
     healed_at: float = 0.0
-    recovered_after: float | None = None  # seconds from the fault to the last non-hit recall
+    recovered_after: float | None = None  # seconds from the fault until a full second of recalls all hit
+    non_hits_after_heal: int = 0  # recalls not enriched after the failed node came back
     hit_rate: dict[str, float] = field(default_factory=dict)
     readyz: set[int] = field(default_factory=set)
     store: dict[str, Any] = field(default_factory=dict)
+    # After the fault: seconds from it (rounded down) -> non-hit results of the recalls posted then
+    timeline: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -69,6 +72,7 @@ class Outcome:
             "hit_during": self.hit_rate.get("during"),
             "hit_after": self.hit_rate.get("after"),
             "recovered_after_s": None if self.recovered_after is None else round(self.recovered_after, 2),
+            "non_hits_after_heal": self.non_hits_after_heal,
             "readyz": sorted(self.readyz),
             "store": self.store,
         }
@@ -237,24 +241,38 @@ def _tally(
             enrichment[event["msgKey"]] = event["enrichment"]
     out.lost = sum(1 for key, (_, status) in recalls.items() if status == 200 and key not in enrichment)
     ordered = sorted((at, enrichment.get(key, "lost")) for key, (at, status) in recalls.items() if status == 200)
-    non_hits = [at for at, result in ordered if result != "hit" and at >= out.fault_at]
+    recovered = _recovered(ordered, out.fault_at) if out.fault_at else 0.0
     if out.fault_at:
-        last_bad = max(non_hits) if non_hits else out.fault_at
-        out.recovered_after = last_bad - out.fault_at
-        healed = last_bad
-    else:
-        healed = 0.0
+        out.recovered_after = recovered - out.fault_at
     phases: dict[str, list[str]] = {"before": [], "during": [], "after": []}
     for at, result in ordered:
-        phase = "before" if not out.fault_at or at < out.fault_at else "during" if at <= healed else "after"
+        phase = "before" if not out.fault_at or at < out.fault_at else "during" if at < recovered else "after"
         phases[phase].append(result)
+        if out.fault_at and at >= out.fault_at and result != "hit":
+            second = out.timeline.setdefault(int(at - out.fault_at), {})
+            second[result] = second.get(result, 0) + 1
+        if out.healed_at and at >= out.healed_at and result != "hit":
+            out.non_hits_after_heal += 1
     out.hit_rate = {p: round(sum(r == "hit" for r in rs) / len(rs), 3) for p, rs in phases.items() if rs}
     out.gateway = len(gateway)
     out.gateway_ok = sum(1 for _, s, _ in gateway if s == 200)
     out.gateway_503 = sum(1 for _, s, t in gateway if s == 503 and "store_unavailable" in t)
     out.gateway_other = out.gateway - out.gateway_ok - out.gateway_503
-    # A 503 outside [fault, last non-hit + 1 s] would be a 503 not caused by the failover.
+    # A 503 outside [fault, recovery + 1 s] would be a 503 not caused by the failover.
     out.gateway_503_outside = sum(
-        1 for at, s, _ in gateway if s == 503 and not (out.fault_at and out.fault_at <= at <= healed + 1.0)
+        1 for at, s, _ in gateway if s == 503 and not (out.fault_at and out.fault_at <= at <= recovered + 1.0)
     )
     out.tencent_calls = len(tencent.calls)
+
+
+def _recovered(ordered: list[tuple[float, str]], fault_at: float) -> float:
+    """When enrichment came back: the first recall after the fault that starts a full second in
+    which every recall was a hit (the recall lag, LAG, is included: those recalls were posted then)."""
+    after = [(at, result) for at, result in ordered if at >= fault_at]
+    for i, (start, result) in enumerate(after):
+        if result != "hit":
+            continue
+        window = [r for at, r in after[i:] if at < start + 1.0]
+        if after[-1][0] >= start + 1.0 and all(r == "hit" for r in window):
+            return start
+    return after[-1][0] if after else fault_at
