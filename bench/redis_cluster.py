@@ -171,6 +171,74 @@ def measure(
     }
 
 
+async def _writer_ceiling(redis_env: dict[str, str], records: int) -> dict[str, Any]:
+    """The relay's own send-record writer flooded (no HTTP): records/s it gets into Redis."""
+    from prometheus_client import CollectorRegistry
+
+    from relay.metrics import Metrics
+    from relay.settings import Settings
+    from relay.store import SendRecord
+    from relay.store.redis import RedisStore
+    from relay.store.topology import Topology
+
+    settings = Settings.from_env({"RELAY_SDKAPPIDS": APP, **redis_env})
+    options = settings.redis_options
+    assert options is not None
+    metrics = Metrics(CollectorRegistry())
+    store = RedisStore(Topology(options, metrics), 3600, metrics)
+    await store.start()
+    tag = time.time_ns()
+    batch = [SendRecord(f"{APP}/c2c/w{tag}_{i}", f"cm-{i}", f"u_{i % 1000}", 1767225540000) for i in range(records)]
+    started = time.perf_counter()
+    for i in range(0, records, 1000):
+        await store.submit(batch[i : i + 1000])
+    while metrics.registry.get_sample_value("relay_correlation_writes_total") or 0 < records:
+        written = metrics.registry.get_sample_value("relay_correlation_writes_total") or 0
+        dropped = metrics.registry.get_sample_value("relay_correlation_dropped_total") or 0
+        if written + dropped >= records:
+            break
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    await store.close()
+    return {"writer_records_per_second": round(records / elapsed)}
+
+
+def _server_ceiling(ports: list[int], *, cluster: bool = False) -> int:
+    """redis-benchmark SET with 110-byte values, pipelined: one server, or (``--cluster``) every primary."""
+    procs = [
+        subprocess.Popen(
+            [
+                "redis-benchmark",
+                *(["--cluster"] if cluster else []),
+                "-p",
+                str(p),
+                "-t",
+                "set",
+                "-n",
+                "300000",
+                "-P",
+                "64",
+                "-d",
+                "110",
+                "-r",
+                "1000000",
+                "-q",
+                "--csv",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in ports
+    ]
+    total = 0.0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        for line in out.splitlines():
+            if line.startswith('"SET"'):
+                total += float(line.split(",")[1].strip('"'))
+    return round(total)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=15)
@@ -185,6 +253,18 @@ def main() -> int:
         server.start()
         cluster.start()
         primaries = [s for s in cluster.servers if cluster.role(s) == "master"]
+        ceilings = {
+            "one primary (standalone)": {
+                **asyncio.run(_writer_ceiling({"RELAY_REDIS_URL": f"redis://127.0.0.1:{port}"}, 200_000)),
+                "server_set_per_second": _server_ceiling([port]),
+            },
+            "cluster (3 primaries + 3 replicas)": {
+                **asyncio.run(
+                    _writer_ceiling({"RELAY_REDIS_MODE": "cluster", "RELAY_REDIS_URL": cluster.urls}, 200_000)
+                ),
+                "server_set_per_second": _server_ceiling([primaries[0].port], cluster=True),
+            },
+        }
         rows.append(
             measure(
                 "one primary (standalone)",
@@ -206,6 +286,8 @@ def main() -> int:
     finally:
         single.stop()
         cluster.stop()
+    for row in rows:
+        row.update(ceilings[row["target"]])
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = {"when": stamp, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seconds": args.seconds,
            "connections": args.connections, "rows": rows}  # fmt: skip
@@ -222,12 +304,23 @@ def main() -> int:
         " record writes/s per primary | MEMORY USAGE per record (B) | used_memory per record (B) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    tail = [
+        "",
+        "Ceilings in the same run, without HTTP: the relay's send-record writer flooded with 200,000 records"
+        " (one process, batches of 512 pipelined SETs; per node in a cluster), and `redis-benchmark -t set -P 64"
+        " -d 110` against every primary at once (the servers' own SET ceiling on this machine).",
+        "",
+        "| target | writer records/s (one relay process) | redis-benchmark SET/s (all primaries) |",
+        "|---|---|---|",
+        *(f"| {r['target']} | {r['writer_records_per_second']} | {r['server_set_per_second']} |" for r in rows),
+    ]
     for r in rows:
         lines.append(
             f"| {r['target']} | {r['per_second']} | {r['p50_ms']} | {r['p99_ms']} | {r['other']} | {r['written']} |"
             f" {r['dropped']} | {r['writes_per_second_per_primary']} | {r['memory_usage_per_record']} |"
             f" {r['bytes_per_record_in_used_memory']} |"
         )
+    lines += tail
     (RESULTS / "redis-cluster.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

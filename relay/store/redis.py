@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -237,8 +237,10 @@ class RedisStore:
         return out
 
     async def _on_cluster_node(self, client: RedisCluster, commands: list[Command]) -> list[Any]:
+        first = commands[0]
+        key = first[3] if first[0] == "EVAL" else first[1]
         for attempt in range(2):
-            node = client.get_node_from_key(commands[0][3] if commands[0][0] == "EVAL" else commands[0][1])
+            node = client.get_node_from_key(key)
             if node is None:
                 raise StoreError("no primary owns the slot")
             piped = [PipelineCommand(i, *c) for i, c in enumerate(commands)]
@@ -246,13 +248,40 @@ class RedisStore:
             errors = [c.result for c in piped if isinstance(c.result, BaseException)]
             if not errors:
                 return [c.result for c in piped]
-            moved = next((e for e in errors if isinstance(e, (MovedError, AskError))), None)
-            if moved is not None and attempt == 0:
+            if attempt == 0 and all(isinstance(e, MovedError) for e in errors):
                 # The slot moved (resharding, failover): learn the new owner and try once more.
                 await client.nodes_manager.initialize()
                 continue
+            if all(isinstance(e, AskError) for e in errors):
+                # The slot is being migrated and these keys already left: run just those on the
+                # importing node, each after ASKING (it admits the next command only), then WAIT there.
+                await self._asking(client, piped, commands)
+                return [c.result for c in piped]
             raise errors[0]
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _asking(client: RedisCluster, piped: list[PipelineCommand], commands: list[Command]) -> None:
+        asked = [c for c in piped if isinstance(c.result, AskError)]
+        error = asked[0].result
+        assert isinstance(error, AskError)
+        target = client.get_node(host=error.host, port=error.port)
+        if target is None:
+            raise error
+        again: list[PipelineCommand] = []
+        for command in asked:
+            again += [PipelineCommand(len(again), "ASKING"), PipelineCommand(len(again) + 1, *command.args)]
+        if commands[-1][0] == "WAIT":
+            again.append(PipelineCommand(len(again), *commands[-1]))
+        await target.execute_pipeline(again)
+        results = [c.result for c in again if c.args[0] != "ASKING"]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        for command, result in zip(asked, results, strict=False):
+            command.result = result
+        if commands[-1][0] == "WAIT":
+            piped[-1].result = min(int(cast(int, piped[-1].result)), int(cast(int, results[-1])))
 
     async def _op(self, op: str, call: Awaitable[Any]) -> Any:
         """Await a round trip under the store's deadline; whatever fails becomes StoreError (logged, counted)."""

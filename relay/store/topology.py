@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -43,7 +44,9 @@ Mode = Literal["standalone", "cluster", "sentinel"]
 MODES: tuple[Mode, ...] = ("standalone", "cluster", "sentinel")
 # Short socket timeouts: a frozen primary must cost an operation a second, not the OS's minutes.
 _SOCKET = {"socket_connect_timeout": 1.0, "socket_timeout": 1.0}
-_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+# Re-learn a cluster's slot map at least this often even when nothing failed (a resharding, a
+# planned failover that redis-py followed through MOVED without an error).
+_REFRESH_EVERY = 10.0
 
 
 class StoreMisconfigured(ConfigError):
@@ -107,6 +110,7 @@ class Topology:
         self.primary: str | None = None  # sentinel: the address of the primary in use
         self._owners: dict[int, str] = {}  # cluster: slot -> primary name, as last seen
         self._dirty = asyncio.Event()
+        self._refreshed = 0.0
         self._monitor: asyncio.Task[None] | None = None
         self.sentinel: Sentinel | None = None
         self.client: Any = self._build()
@@ -209,10 +213,11 @@ class Topology:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._dirty.wait()
+            refresh = self._dirty.is_set() or time.monotonic() - self._refreshed >= _REFRESH_EVERY
             self._dirty.clear()
             try:
                 async with asyncio.timeout(max(self._interval, 2.0)):
-                    await self._tick()
+                    await self._tick(refresh=refresh)
             except Exception as exc:  # noqa: BLE001 - the monitor never stops
                 self.reachable = False
                 self.primaries = 0 if self.mode != "cluster" else self.primaries
@@ -220,19 +225,24 @@ class Topology:
             # After a failure, a moment before asking again: the servers are busy electing.
             await asyncio.sleep(self._interval / 4)
 
-    async def _tick(self) -> None:
+    async def _tick(self, *, refresh: bool = True) -> None:
         if self.mode == "standalone":
             await self.client.ping()
             self.primaries, self.reachable = 1, True
         elif self.mode == "cluster":
-            await self._tick_cluster()
+            await self._tick_cluster(refresh=refresh)
         else:
             await self._tick_sentinel()
 
-    async def _tick_cluster(self) -> None:
+    async def _tick_cluster(self, *, refresh: bool) -> None:
         client: RedisCluster = self.client
         manager = client.nodes_manager
-        await manager.initialize()  # CLUSTER SLOTS from the first seed that answers
+        if refresh:
+            # CLUSTER SLOTS from a node that answers. Only after a failure (or now and then): asking
+            # every second would sometimes ask a primary that just thawed, whose view is stale, and
+            # hold redis-py's initialization lock while it catches up (measured: lookups stalled).
+            await manager.initialize()
+            self._refreshed = time.monotonic()
         owners: dict[int, str] = {}
         for slot, nodes in manager.slots_cache.items():
             if nodes:
