@@ -82,6 +82,7 @@ class RedisStore:
         self._queue: asyncio.Queue[SendRecord] = asyncio.Queue(_QUEUE_LIMIT)
         self._writer: asyncio.Task[None] | None = None
         self._last_error_log = 0.0
+        self._failing_until = 0.0  # until then, a full write queue drops instead of making callbacks wait
 
     @classmethod
     def from_url(cls, url: str, ttl: int, metrics: Metrics, **kwargs: Any) -> RedisStore:
@@ -113,6 +114,11 @@ class RedisStore:
             if not self._queue.full():
                 self._queue.put_nowait(record)
                 continue
+            if time.monotonic() < self._failing_until:
+                # The writer is failing (Redis down or failing over): a send callback must not wait
+                # on Redis, so a record that finds no room is dropped at once (counted).
+                self._metrics.correlation_dropped.inc()
+                continue
             # Behind by _QUEUE_LIMIT records: wait for the writer (FIFO among waiters), bounded.
             deadline = deadline or asyncio.get_running_loop().time() + wait
             try:
@@ -132,6 +138,7 @@ class RedisStore:
             except StoreError:
                 # Best effort: a lost send record only means a later recall is not enriched.
                 self._metrics.correlation_dropped.inc(len(batch))
+                self._failing_until = time.monotonic() + 1.0
             finally:
                 for _ in batch:
                     self._queue.task_done()
