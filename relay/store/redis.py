@@ -296,7 +296,15 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._op_timeout):
                 result = await call
-        except Exception as exc:
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our own task is being cancelled (shutdown)
+            # A CancelledError that is not ours came out of the client: a failure like any other.
+            self._metrics.correlation_store_errors.labels(op).inc()
+            self.topology.failed(exc)
+            raise StoreError(f"correlation store {op} failed: {exc!r}"[:300]) from exc
+        except Exception as exc:  # any client error class: see the module docstring
             self._metrics.correlation_store_errors.labels(op).inc()
             self.topology.failed(exc)
             self._log_error(op, exc)
