@@ -5,7 +5,7 @@ Redis. Writes bench/results/redis-cluster.{json,md}.
     .venv/bin/python -m bench.redis_cluster [--seconds 15] [--connections 64]
 
 Each target gets a fresh ``relay serve`` process (unsigned app, send callbacks only: they publish
-nothing, so the broker is not in the measurement) and private Redis servers on ports 7400+ that this
+nothing, so the relay is pointed at no broker at all) and private Redis servers on ports 7400+ that this
 script starts and kills by PID. The load generator is one asyncio process (aiohttp, N connections);
 on a 2-core machine it shares the CPU with the relay and Redis, so compare the rows, not the absolutes.
 """
@@ -108,6 +108,8 @@ def _serve(env_extra: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[b
         RELAY_LOG_LEVEL="warning",
         RELAY_SHUTDOWN_DELAY="0",
         RELAY_MAX_IN_FLIGHT="100000",
+        # Send callbacks publish nothing: no broker needed, and none is touched (a closed port).
+        RELAY_AMQP_URL="amqp://guest:guest@127.0.0.1:1/",
         **env_extra,
     )
     relay = Path(sys.executable).parent / "relay"
