@@ -101,8 +101,7 @@ async def run_load(
         RELAY_API_TOKENS=f"moderation-svc={API_TOKEN}",
         RELAY_TENCENT_SECRET_KEYS=f"{APP}={SECRET}",
         RELAY_RECALL_JOIN_TTL="600",
-        RELAY_ENRICHMENT_TIMEOUT="0.25",
-        **redis_env,
+        **{"RELAY_ENRICHMENT_TIMEOUT": "0.25", **redis_env},
     )
     publisher = RecordingPublisher()
     app = create_app(settings, publisher=publisher, registry=CollectorRegistry())
