@@ -33,7 +33,7 @@ from relay.gateway.tencent_api import TencentApi
 from relay.matrix import ingress as matrix_ingress
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
-from relay.runtime import GcPauses, LoopLag
+from relay.runtime import GcPauses, LoopLag, SliceLog
 from relay.settings import Settings
 from relay.spool import Spool
 from relay.tencent.auth import Authenticator
@@ -347,7 +347,14 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RUNTIME] = (lag, gc_pauses)
     lag.start()
     gc_pauses.start()
+    slices, path = None, app[SETTINGS].slice_log
+    if path is not None:
+        worker = app[WORKER][0] if app[WORKER] else 0
+        slices = SliceLog(path, metrics, lag, gc_pauses, worker)
+        slices.start()
     yield
+    if slices is not None:
+        slices.stop()
     gc_pauses.stop()
     lag.stop()
 

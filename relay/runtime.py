@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
+from pathlib import Path
 from typing import Any, Protocol
+
+import orjson
+from prometheus_client import Histogram
 
 
 class Observer(Protocol):
@@ -92,3 +97,81 @@ class GcPauses:
     def take_max(self) -> float:
         worst, self.worst = self.worst, 0.0
         return worst
+
+
+class _Buckets:
+    """A histogram's cumulative bucket counts (summed over its labels), to diff between slices."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._last = self._read()
+
+    def _read(self) -> dict[float, float]:
+        counts: dict[float, float] = {}
+        for metric in self._histogram.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_bucket"):
+                    bound = float(sample.labels["le"])
+                    counts[bound] = counts.get(bound, 0.0) + sample.value
+        return counts
+
+    def take(self) -> dict[str, float | None]:
+        """Since the last take: how many were observed, and the upper bound of the slowest one's bucket."""
+        now = self._read()
+        last, self._last = self._last, now
+        diffs = sorted((bound, count - last.get(bound, 0.0)) for bound, count in now.items())
+        total = diffs[-1][1] if diffs else 0.0
+        slowest: float | None = None
+        below = 0.0
+        for bound, cumulative in diffs:
+            if cumulative > below:
+                slowest = bound
+            below = cumulative
+        return {"n": total, "max_le": slowest if total else None}
+
+
+class SliceLog:
+    """``RELAY_SLICE_LOG``: every ``interval`` one JSON line of what the process did and waited on
+    (bench/latency.py reads it beside each request's latency). Lines from several workers go to one
+    file, each written whole (``O_APPEND``)."""
+
+    def __init__(
+        self, path: Path, metrics: Any, lag: LoopLag, gc_pauses: GcPauses, worker: int, interval: float = 0.1
+    ) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._lag, self._gc = lag, gc_pauses
+        self._worker = worker
+        self._interval = interval
+        self._collections = gc_pauses.collections
+        self._histograms = {
+            "requests": _Buckets(metrics.request_seconds),
+            "wait": _Buckets(metrics.request_wait_seconds),
+            "confirms": _Buckets(metrics.confirm_seconds),
+            "spool_writes": _Buckets(metrics.spool_write_seconds),
+        }
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(self._interval, self._write, loop)
+
+    def _write(self, loop: asyncio.AbstractEventLoop) -> None:
+        collections = self._gc.collections
+        line: dict[str, object] = {
+            "t": time.time(),
+            "worker": self._worker,
+            "loop_lag_max": self._lag.take_max(),
+            "gc_max": self._gc.take_max(),
+            "gc_n": collections - self._collections,
+        }
+        self._collections = collections
+        for name, buckets in self._histograms.items():
+            line[name] = buckets.take()
+        os.write(self._fd, orjson.dumps(line) + b"\n")
+        self._handle = loop.call_later(self._interval, self._write, loop)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            os.close(self._fd)

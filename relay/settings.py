@@ -62,6 +62,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     spool_dir: Path = Path("./spool")
+    # Diagnostics (docs/metrics.md): a JSON line per 100 ms of what the process waited on.
+    slice_log: Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     shutdown_delay: float = 5.0
     drain_timeout: float = 10.0
@@ -326,6 +328,9 @@ class Settings:
         spool_dir = get("RELAY_SPOOL_DIR")
         if spool_dir is not None:
             values["spool_dir"] = Path(spool_dir)
+        slice_log = get("RELAY_SLICE_LOG")
+        if slice_log is not None:
+            values["slice_log"] = Path(slice_log)
 
         for name, key, allowed in (
             ("RELAY_LOG_LEVEL", "log_level", _LOG_LEVELS),
