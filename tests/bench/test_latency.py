@@ -51,10 +51,10 @@ def test_each_slow_slice_names_what_the_relay_saw() -> None:
     result = analyse(run, args, wall_offset=0.0)
     causes = {s["t"]: s["causes"] for s in result["slow_slices"]}
     assert causes == {
-        10.1: ["loop"],
-        10.3: ["gc"],
-        10.5: ["broker confirms"],
-        10.7: ["nothing the relay can see"],
+        0.1: ["loop"],
+        0.3: ["gc"],
+        0.5: ["broker confirms"],
+        0.7: ["nothing the relay can see"],
     }
     assert result["slow_slice_causes"] == {"loop": 1, "gc": 1, "broker confirms": 1, "nothing the relay can see": 1}
     assert result["broker_p99_ms"] == pytest.approx(6.0, abs=0.1)
