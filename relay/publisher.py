@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import structlog
 from pamqp import commands
+from pamqp.common import FieldTable
 
 from relay import amqp
 from relay.endpoints import Endpoint, describe, parse_endpoints
@@ -56,6 +57,12 @@ def _properties(event_type: str) -> amqp.PropertiesTemplate:
             header_keys=CLOUDEVENTS_HEADERS,
         )
     return template
+
+
+def stream_arguments(settings: Settings) -> dict[str, str | int]:
+    """The history stream's retention as declared (RabbitMQ reads them at declaration; a policy can
+    change them later). Data goes a whole segment at a time, so retention is approximate."""
+    return {"x-max-age": settings.audit_stream_max_age, "x-max-length-bytes": settings.audit_stream_max_bytes}
 
 
 class Publisher(Protocol):
@@ -95,6 +102,8 @@ class AmqpPublisher:
         connection_name: str = "revoke-relay",
         reconnect_max: float = 5.0,
         audit_queues: tuple[str, ...] = (),
+        audit_stream: str | None = None,
+        stream_arguments: dict[str, str | int] | None = None,
     ) -> None:
         self._endpoints = parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints
         self._heartbeat = self._endpoints[0].heartbeat
@@ -109,6 +118,11 @@ class AmqpPublisher:
         self._rebinding: asyncio.Task[None] | None = None
         self._exchange = exchange
         self._bindings = tuple((q, BINDING_KEY) for q in queues) + tuple((q, AUDIT_BINDING_KEY) for q in audit_queues)
+        # The history (docs/history.md): a stream takes every event kind, like an audit queue.
+        self._stream = audit_stream
+        self._stream_arguments = stream_arguments or {}
+        if audit_stream is not None:
+            self._bindings += ((audit_stream, AUDIT_BINDING_KEY),)
         self._timeout = publish_timeout
         self._metrics = metrics
         self._name = connection_name
@@ -133,6 +147,8 @@ class AmqpPublisher:
             metrics,
             connection_name=connection_name,
             audit_queues=settings.audit_queues,
+            audit_stream=settings.audit_stream,
+            stream_arguments=stream_arguments(settings),
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -276,15 +292,19 @@ class AmqpPublisher:
             log.info("relay.rebound", queues=[q for q, _ in self._bindings])
 
     async def _declare_queue(self, connection: amqp.Connection, name: str) -> None:
-        """Declare a quorum queue (replicated, always durable: the recommended type for data safety).
+        """Declare a quorum queue (replicated, always durable: the recommended type for data safety),
+        or the history stream with its retention.
 
         If a consumer already declared it with other arguments (dead-lettering, delivery limit, …)
         the broker refuses with 406 and closes the channel. That queue is then only bound from the
         next connection on: the relay must not be kept from publishing by a queue it does not own.
         """
+        arguments: FieldTable = {"x-queue-type": "quorum"}
+        if name == self._stream:
+            arguments = {"x-queue-type": "stream", **self._stream_arguments}
         try:
             await connection.call(
-                commands.Queue.Declare(queue=name, durable=True, arguments={"x-queue-type": "quorum"}),
+                commands.Queue.Declare(queue=name, durable=True, arguments=arguments),
                 commands.Queue.DeclareOk,
             )
         except amqp.AmqpError as exc:
