@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -25,6 +26,7 @@ from relay.tencent.callback import CallbackQuery
 from relay.tencent.normalize import normalize
 from relay.tencent.samples import sample_body
 from tests.helpers import APP
+from tests.proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres]
 ROOT = Path(__file__).parents[2]
@@ -263,3 +265,35 @@ async def test_a_missing_queue_is_an_error_naming_it(kit: Kit) -> None:
     consumer = kit.consumer(recorder(kit.table, []), queue=kit.names["queue2"])
     with pytest.raises(ConsumerError, match=f"queue {kit.names['queue2']!r} does not exist"):
         await asyncio.wait_for(consumer.run(), 10)
+
+
+async def test_a_stream_consumer_reconnects_and_resumes_after_its_offset(kit: Kit) -> None:
+    """The link to the broker is cut after three events: the consumer reconnects by itself and goes on
+    from its stored offset (not from its first x-stream-offset, as a restored robust consumer would)."""
+    stream = await kit.declare("stream")
+    parts = urlsplit(kit.amqp_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    url = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}").geturl()
+    items = events(6)
+    await kit.send(items[:3])
+    seen: list[str] = []
+    consumer = kit.consumer(recorder(kit.table, seen), stream=stream, reconnect_interval=0.2)
+    consumer.url = url
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(15):
+            while len(seen) < 3:
+                await asyncio.sleep(0.05)
+            await proxy.stop()
+            await proxy.start(proxy.port)
+            await kit.send(items[3:])
+            while len(seen) < 6:
+                await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
+        await asyncio.wait_for(task, 10)
+        await proxy.stop()
+    assert [e.event_id for e in items] == seen
+    assert consumer.stats.reconnects >= 1
+    assert 0 == consumer.stats.duplicates
