@@ -140,7 +140,7 @@ def report(results: dict[str, Any]) -> str:
     read = results["read"]
     lines += [
         "",
-        f"Mean 200s/s: **{without:.0f} without** the stream, **{with_:.0f} with** it ({cost:+.1f} % less with"
+        f"Mean 200s/s: **{without:.0f} without** the stream, **{with_:.0f} with** it ({cost:.1f} % fewer with"
         " the stream).",
         "",
         "## Reading the history",
