@@ -172,7 +172,8 @@ async def replay(
     except HistoryError as exc:
         if progress:
             err.write("\n")
-        print(f"relay replay: {exc} (published {published} of {matched} before it)", file=err)
+        done = f" (published {published} of {matched} matched before it)" if matched else ""
+        print(f"relay replay: {exc}{done}", file=err)
         return 1
     finally:
         if connection is not None:
