@@ -138,14 +138,14 @@ def main() -> int:
         ready(port, 60)  # the relay reconnected by itself
         t.record("rabbitmqctl list_queues name type state", node.ctl("list_queues", "name", "type", "state"))
         t.run("relay send-sample --kind c2c")
-        t.run(
-            f"curl -s 127.0.0.1:{port}/metrics | grep -E '^relay_(events_spooled|events_drained|publish_failures)_total'"
-        )
-        t.run(f"sleep 8; curl -s 127.0.0.1:{port}/metrics | grep -E '^relay_(events_drained_total|spool_events)'")
-        t.note(
-            "The callback right after the broker restart was answered from the relay's spool and forwarded"
-            " (into the quorum queue and the stream) a few seconds later, as designed."
-        )
+        counters = "relay_(events_spooled|events_drained|publish_failures)_total"
+        metrics = t.run(f"curl -s 127.0.0.1:{port}/metrics | grep -E '^{counters}' | grep -v ' 0.0$' || true")
+        if "relay_events_spooled_total" in metrics:
+            t.note(
+                "That callback came while the relay was still settling on the restarted node: it was answered"
+                " from the spool and forwarded a few seconds later; the history shows it once forwarded:"
+            )
+            t.run(f"sleep 8; curl -s 127.0.0.1:{port}/metrics | grep -E '^relay_(events_drained_total|spool_events)'")
         t.note("`relay history` — everything, across both restarts, oldest first:")
         t.run("relay history --since 1h")
         t.run(
