@@ -107,13 +107,18 @@ async def _consume(channel: AbstractChannel, stream: str, offset: str | datetime
     await channel.set_qos(prefetch_count=PREFETCH)  # required on a stream (global=False: per consumer)
     queue = await channel.get_queue(stream, ensure=False)
     deliveries = _Deliveries()
-    await queue.consume(deliveries.put, arguments={"x-stream-offset": offset})
+    try:
+        await queue.consume(deliveries.put, arguments={"x-stream-offset": offset})
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        if "x-stream-offset" in str(exc):  # a quorum queue refuses the argument (measured on 3.10.8)
+            raise _not_a_stream(stream) from exc
+        raise
     return deliveries
 
 
 def _not_a_stream(stream: str) -> HistoryError:
     return HistoryError(
-        f"queue {stream!r} is not a stream (its deliveries carry no x-stream-offset); is RELAY_AUDIT_STREAM right?"
+        f"queue {stream!r} is not a stream; is RELAY_AUDIT_STREAM right?"
     )
 
 
@@ -162,6 +167,8 @@ async def read(
         try:
             await channel.declare_queue(stream, passive=True)
         except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            if "down or inaccessible" in str(exc):
+                raise HistoryError(f"stream {stream!r} is down on the broker (docs/history.md, known limits)") from exc
             raise HistoryError(
                 f"stream {stream!r} does not exist; the relay declares it at start when RELAY_AUDIT_STREAM is set"
             ) from exc

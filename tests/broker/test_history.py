@@ -220,6 +220,35 @@ async def test_replay_by_routing_key_and_dry_run(
     assert (items[0].event_id, "replay.moderation") == (first.message_id, first.routing_key)
 
 
+async def test_replay_rate_paces_the_publishes(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings, publisher: AmqpPublisher, names: dict[str, str]
+) -> None:
+    """--rate 20 with 11 events: the ten gaps between publishes take at least half a second."""
+    await publish(publisher, received("group", datetime.now(UTC), n=11))
+    await amqp.declare_queue(names["queue"], durable=True, arguments={"x-queue-type": "quorum"})
+    out, err = io.StringIO(), io.StringIO()
+    started = asyncio.get_running_loop().time()
+    assert 0 == await replay(source(settings), Selection(), Target(queue=names["queue"]), out, err, rate=20)
+    paced = asyncio.get_running_loop().time() - started
+    assert "published 11" in out.getvalue()
+    assert paced >= 0.5
+
+
+@pytest.mark.parametrize("kind", ["quorum", "classic"])
+async def test_a_queue_that_is_not_a_stream_is_refused_and_keeps_its_message(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings, names: dict[str, str], kind: str
+) -> None:
+    """--stream naming a quorum or classic queue: refused ("not a stream"), exit 1, its message still there."""
+    queue = await amqp.declare_queue(names["queue2"], durable=True, arguments={"x-queue-type": kind})
+    await amqp.default_exchange.publish(aio_pika.Message(b"{}", message_id="keep-me"), names["queue2"])
+    out, err = io.StringIO(), io.StringIO()
+    not_a_stream = Source(settings, names["queue2"], idle=1.0)
+    assert 1 == await history(not_a_stream, Selection(), out, err, as_json=False)
+    assert f"queue {names['queue2']!r} is not a stream" in err.getvalue()
+    kept = await queue.get(no_ack=True, timeout=5)
+    assert "keep-me" == kept.message_id
+
+
 async def test_export_of_ten_thousand_events_as_csv_and_jsonl(
     settings: Settings, publisher: AmqpPublisher, tmp_path: Path
 ) -> None:
