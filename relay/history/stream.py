@@ -117,9 +117,7 @@ async def _consume(channel: AbstractChannel, stream: str, offset: str | datetime
 
 
 def _not_a_stream(stream: str) -> HistoryError:
-    return HistoryError(
-        f"queue {stream!r} is not a stream; is RELAY_AUDIT_STREAM right?"
-    )
+    return HistoryError(f"queue {stream!r} is not a stream; is RELAY_AUDIT_STREAM right?")
 
 
 async def end_offset(connection: aio_pika.abc.AbstractConnection, stream: str, idle: float = IDLE) -> int | None:
