@@ -127,21 +127,22 @@ def report(results: dict[str, Any]) -> str:
         " in one run (each 200 is a broker confirm; with the stream, the confirm waits for the quorum queue"
         " **and** the stream).",
         "",
-        "| run | stream | 200s/s | p50 ms | p99 ms | relay CPU µs/req | broker CPU µs/req |",
-        "|---|---|---|---|---|---|---|",
+        "| run | stream | 200s/s | p50 ms | p99 ms | relay CPU µs/req | broker CPU µs/req | others' CPU, % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["callback"]:
         lat = r["latency_ms"]
         lines.append(
             f"| {r['round']} | {r['label']} | {r['ok_rps']:.0f} | {lat.get('p50')} | {lat.get('p99')} |"
-            f" {r['server_cpu_us_per_req']} | {r['broker_cpu_us_per_req']} |"
+            f" {r['server_cpu_us_per_req']} | {r['broker_cpu_us_per_req']} | {r['cpu'].get('others_pct_of_machine')} |"
         )
     cost = 100 * (without - with_) / without if without else 0.0
     read = results["read"]
     lines += [
         "",
         f"Mean 200s/s: **{without:.0f} without** the stream, **{with_:.0f} with** it ({cost:.1f} % fewer with"
-        " the stream).",
+        " the stream). Other processes on the machine (another test run) took the share of the CPU in the last"
+        " column: compare the runs of one round, and rounds where that share is low.",
         "",
         "## Reading the history",
         "",
