@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -297,3 +298,43 @@ async def test_a_stream_consumer_reconnects_and_resumes_after_its_offset(kit: Ki
     assert [e.event_id for e in items] == seen
     assert consumer.stats.reconnects >= 1
     assert 0 == consumer.stats.duplicates
+
+
+async def test_a_newer_event_version_is_handled_and_counted(kit: Kit) -> None:
+    """A version-9 revocation with an unknown field: handled by the fields the kit knows, and counted."""
+    await kit.declare()
+    body = orjson.dumps({"version": 9, "eventID": "v9-event", "type": "message.revoked", "msgID": "m9", "new": 1})
+    await kit.confirming.default_exchange.publish(aio_pika.Message(body, message_id="v9-event"), kit.names["queue"])
+    seen: list[str] = []
+    consumer = kit.consumer(recorder(kit.table, seen))
+    await run_until(consumer, lambda: consumer.stats.handled >= 1)
+    assert (["v9-event"], 1) == (seen, consumer.stats.newer_versions)
+
+
+SIGTERM_RUNNER = """
+import asyncio, sys
+from relay.consumer import Consumer, PostgresInbox
+
+async def handle(event, tx):
+    pass
+
+inbox = PostgresInbox(sys.argv[3], sys.argv[4])
+asyncio.run(Consumer(sys.argv[1], queue=sys.argv[2], handler=handle, inbox=inbox).run())
+"""
+
+
+async def test_sigterm_stops_the_consumer_cleanly(kit: Kit) -> None:
+    """A consumer process given SIGTERM logs its stop with its counts and exits 0."""
+    queue = await kit.declare()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SIGTERM_RUNNER, kit.amqp_url, queue, kit.postgres_url, kit.inbox,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert process.stdout is not None
+    started = await asyncio.wait_for(process.stdout.readline(), 20)
+    assert b"relay.consumer_started" in started
+    process.send_signal(signal.SIGTERM)
+    rest = await asyncio.wait_for(process.stdout.read(), 20)
+    assert 0 == await process.wait()
+    assert b"relay.consumer_stopped" in rest
