@@ -83,6 +83,10 @@ class Settings:
     workers: int = 1
     # -- recall gateway (docs/recall-gateway.md) --
     audit_queues: tuple[str, ...] = ()
+    # The history (docs/history.md): a stream bound with message.#, kept for max_age / max_bytes.
+    audit_stream: str | None = None
+    audit_stream_max_age: str = "90D"
+    audit_stream_max_bytes: int = 20_000_000_000
     # caller NAME -> its API tokens (several during a rotation), unscoped. Never printed.
     api_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     # RELAY_API_KEYS_FILE, and the scoped keys read from it at start (docs/recall-gateway.md).
@@ -142,11 +146,11 @@ class Settings:
         """What is valid but probably not meant, by code (``relay check-config`` prints them, ``serve``
         logs each as ``relay.<code>``)."""
         out: dict[str, str] = {}
-        if self.gateway and not self.audit_queues:
+        if self.gateway and not self.audit_queues and self.audit_stream is None:
             out["gateway_without_audit_queue"] = (
                 "the recall gateway is on but RELAY_AUDIT_QUEUES is empty: nothing binds message.#, so the audit"
                 " events (message.recall_requested, message.recall_failed) are returned as unroutable and wait in"
-                " the spool, and every later event waits behind them"
+                " the spool, and every later event waits behind them (RELAY_AUDIT_STREAM binds message.# too)"
             )
         if self.api_tokens:
             out["api_tokens_unscoped"] = (
@@ -235,6 +239,8 @@ class Settings:
             cast(tuple[str, ...], values.get("audit_queues", ()))
         ):
             problems.append("RELAY_AUDIT_QUEUES: a queue is also in RELAY_QUEUES (one binding each)")
+
+        _stream_from_env(get, number, values, problems)
 
         host = get("RELAY_HOST")
         if host is not None:
@@ -354,6 +360,40 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         return cls(**values)  # type: ignore[arg-type]
+
+
+# RabbitMQ's x-max-age: a positive number and one unit (Y, M, D, h, m, s), e.g. 90D, 12h.
+_MAX_AGE = re.compile(r"[1-9][0-9]{0,8}[YMDhms]")
+
+
+def _stream_from_env(
+    get: Callable[[str], str | None],
+    number: Callable[[str, str, type[int] | type[float], float, float], None],
+    values: dict[str, object],
+    problems: list[str],
+) -> None:
+    """RELAY_AUDIT_STREAM and its retention (docs/history.md)."""
+    stream = get("RELAY_AUDIT_STREAM")
+    if stream is not None:
+        taken = set(cast(tuple[str, ...], values.get("queues", ()))) | set(
+            cast(tuple[str, ...], values.get("audit_queues", ()))
+        )
+        if stream.startswith("amq.") or not _AMQP_NAME.fullmatch(stream):
+            problems.append(f"RELAY_AUDIT_STREAM: {stream!r} is reserved, too long or {_NAME_RULE}")
+        elif stream in taken:
+            problems.append("RELAY_AUDIT_STREAM: also in RELAY_QUEUES or RELAY_AUDIT_QUEUES (a stream is not a queue)")
+        else:
+            values["audit_stream"] = stream
+    max_age = get("RELAY_AUDIT_STREAM_MAX_AGE")
+    if max_age is not None:
+        if not _MAX_AGE.fullmatch(max_age):
+            problems.append(
+                f"RELAY_AUDIT_STREAM_MAX_AGE: expected a number and one of Y M D h m s (RabbitMQ's x-max-age,"
+                f" e.g. 90D or 12h), got {max_age!r}"
+            )
+        else:
+            values["audit_stream_max_age"] = max_age
+    number("RELAY_AUDIT_STREAM_MAX_BYTES", "audit_stream_max_bytes", int, 1024 * 1024, 1 << 50)
 
 
 def _port_ok(url: str) -> bool:
