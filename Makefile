@@ -95,7 +95,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
-	$(BIN)/mypy --strict examples/consumer.py
+	$(BIN)/mypy --strict examples/consumer.py examples/audit_service.py
 
 pytest: $(STAMP) synapse
 	$(BIN)/pytest

@@ -33,6 +33,7 @@ from relay.gateway.tencent_api import TencentApi
 from relay.matrix import ingress as matrix_ingress
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher, Publisher
+from relay.runtime import GcPauses, LoopLag, SliceLog
 from relay.settings import Settings
 from relay.spool import Spool
 from relay.store import CorrelationStore
@@ -59,6 +60,7 @@ class Lifecycle:
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+RUNTIME = web.AppKey("runtime", tuple[LoopLag, GcPauses])
 PUBLISHER = web.AppKey("publisher", Publisher)
 SPOOL = web.AppKey("spool", Spool)
 DRAINER = web.AppKey("drainer", Drainer)
@@ -132,7 +134,7 @@ def create_app(
     app.router.add_get("/metrics", metrics_endpoint)
     # Set up in this order, torn down in reverse: the drainer's final flush needs the spool and
     # the publisher, the spool must be closed before the broker connection goes.
-    app.cleanup_ctx.extend((_publisher_ctx, _spool_ctx, _drainer_ctx, _correlation_ctx))
+    app.cleanup_ctx.extend((_runtime_ctx, _publisher_ctx, _spool_ctx, _drainer_ctx, _correlation_ctx))
     if settings.gateway and store is not None:
         _add_gateway(app, settings, store, dispatcher, metrics, clock)
     # Matrix application service (docs/matrix.md): routes on the callback port, only while
@@ -339,8 +341,27 @@ def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
         **kwargs,
     }
     if settings.fast_path:
-        return RelayRunner(app, app[CALLBACK], CALLBACK_PATH, **options)
+        return RelayRunner(app, app[CALLBACK], CALLBACK_PATH, wait=app[METRICS].request_wait_seconds, **options)
     return web.AppRunner(app, **options)
+
+
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process's own waits, watched for as long as the app runs (relay/runtime.py)."""
+    metrics = app[METRICS]
+    lag, gc_pauses = LoopLag(metrics.loop_lag_seconds), GcPauses(metrics.gc_pause_seconds)
+    app[RUNTIME] = (lag, gc_pauses)
+    lag.start()
+    gc_pauses.start()
+    slices, path = None, app[SETTINGS].slice_log
+    if path is not None:
+        worker = app[WORKER][0] if app[WORKER] else 0
+        slices = SliceLog(path, metrics, lag, gc_pauses, worker)
+        slices.start()
+    yield
+    if slices is not None:
+        slices.stop()
+    gc_pauses.stop()
+    lag.stop()
 
 
 async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:

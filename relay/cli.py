@@ -1,5 +1,5 @@
-"""``relay`` command line: serve, check-config, send-sample, recall, tail, spool, correlation purge,
-matrix-registration."""
+"""``relay`` command line: serve, check-config, send-sample, recall, tail, history, replay, export, spool,
+correlation purge, matrix-registration."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import logging
 import os
 import signal
 import sqlite3
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -37,6 +39,11 @@ from relay.app import (
 )
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
+from relay.history import Selection, parse_filter, parse_when
+from relay.history.commands import Source, Target
+from relay.history.commands import export as export_command
+from relay.history.commands import history as history_command
+from relay.history.commands import replay as replay_command
 from relay.matrix import registration as matrix_registration
 from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher
@@ -331,6 +338,57 @@ def cmd_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
 
 
+def _history_args(args: argparse.Namespace, env: Mapping[str, str], command: str) -> tuple[Source, Selection] | None:
+    """The stream and the selection of ``relay history|replay|export``, or None after printing why not."""
+    settings = _settings(env, require_apps=False)
+    if settings is None:
+        return None
+    # aiormq logs each refused connection attempt; the command prints one line saying why instead.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    stream = args.stream or settings.audit_stream
+    if stream is None:
+        print(f"relay {command}: RELAY_AUDIT_STREAM is not set (or name the stream with --stream)", file=sys.stderr)
+        return None
+    now = datetime.now(UTC)
+    try:
+        since = parse_when(args.since, now)
+        until = parse_when(args.until, now, allow_first=False) if args.until else None
+        filters = tuple(parse_filter(f) for f in args.filter)
+    except ValueError as exc:
+        print(f"relay {command}: {exc}", file=sys.stderr)
+        return None
+    unique = bool(getattr(args, "unique", False))
+    return Source(settings, stream), Selection(since=since, until=until, filters=filters, unique=unique)
+
+
+def cmd_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    parsed = _history_args(args, env, "history")
+    if parsed is None:
+        return 2
+    return asyncio.run(history_command(*parsed, sys.stdout, sys.stderr, as_json=args.json))
+
+
+def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    parsed = _history_args(args, env, "replay")
+    if parsed is None:
+        return 2
+    if args.rate is not None and args.rate <= 0:
+        print("relay replay: --rate must be above 0", file=sys.stderr)
+        return 2
+    target = Target(queue=args.to_queue, routing_key=args.routing_key)
+    return asyncio.run(replay_command(*parsed, target, sys.stdout, sys.stderr, dry_run=args.dry_run, rate=args.rate))
+
+
+def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    parsed = _history_args(args, env, "export")
+    if parsed is None:
+        return 2
+    if args.output is None:
+        return asyncio.run(export_command(*parsed, sys.stdout, sys.stderr, fmt=args.format))
+    with open(args.output, "w", encoding="utf-8", newline="") as out:
+        return asyncio.run(export_command(*parsed, out, sys.stderr, fmt=args.format))
+
+
 def cmd_correlation(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Privacy tooling for the shared (Redis) correlation store."""
     settings = _settings(env, require_apps=False)
@@ -531,6 +589,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     tail_.add_argument("--count", type=int, help="exit 0 after this many events")
     tail_.add_argument("--timeout", type=float, help="exit after this many seconds (1 if --count was not reached)")
     tail_.set_defaults(func=cmd_tail)
+    _history_parsers(sub)
     registration = sub.add_parser(
         "matrix-registration", help="print the Matrix application-service registration YAML for the homeserver"
     )
@@ -546,6 +605,37 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = parser.parse_args(argv)
     result: int = args.func(args, os.environ if env is None else env)
     return result
+
+
+def _history_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``relay history``, ``replay`` and ``export`` (docs/history.md)."""
+
+    def window(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--since", required=True, help="first, an ISO-8601 time with an offset, or 30m/2h/7d ago")
+        parser.add_argument("--until", help="an ISO-8601 time with an offset or a duration ago (exclusive)")
+        parser.add_argument(
+            "--filter", action="append", default=[], metavar="FIELD=VALUE", help="a dotted path (repeatable: all match)"
+        )
+        parser.add_argument("--stream", help="the stream (default: RELAY_AUDIT_STREAM)")
+
+    history_ = sub.add_parser("history", help="print the events of the history stream in a time window")
+    window(history_)
+    history_.add_argument("--unique", action="store_true", help="keep the first copy of each eventID")
+    history_.add_argument("--json", action="store_true", help="JSON lines, as relay tail --json")
+    history_.set_defaults(func=cmd_history)
+    replay_ = sub.add_parser("replay", help="publish events of the history again, to one queue or routing key")
+    window(replay_)
+    to = replay_.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-queue", help="an existing queue (through the default exchange): only it sees the replay")
+    to.add_argument("--routing-key", help="a routing key on RELAY_EXCHANGE outside the stream's binding message.#")
+    replay_.add_argument("--dry-run", action="store_true", help="count what would be published, publish nothing")
+    replay_.add_argument("--rate", type=float, help="events per second (default: as fast as confirms allow)")
+    replay_.set_defaults(func=cmd_replay)
+    export_ = sub.add_parser("export", help="write events of the history as JSON lines or CSV")
+    window(export_)
+    export_.add_argument("--format", choices=["jsonl", "csv"], required=True)
+    export_.add_argument("--output", help="a file (default: standard output)")
+    export_.set_defaults(func=cmd_export)
 
 
 if __name__ == "__main__":  # pragma: no cover

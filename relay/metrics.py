@@ -16,6 +16,8 @@ from relay.errors import Reject
 # Fine resolution at the low end: a confirmed publish on a healthy broker takes ~1-20 ms, and the
 # IM backend gives up after 2 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Waits inside the process (loop lag, GC, a ready request): mostly well under a millisecond.
+WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 OUTCOMES = ("accepted", "partial", "ignored", "rejected", "unavailable")
 PUBLISH_REASONS = ("disconnected", "blocked", "timeout", "returned", "nacked", "error")
@@ -219,6 +221,25 @@ class Metrics:
             "Time to answer a callback, by outcome.",
             ["outcome"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_wait_seconds = Histogram(
+            "relay_request_wait_seconds",
+            "Fast path: time from a callback's head being read to its handler starting (the loop was busy).",
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.loop_lag_seconds = Histogram(
+            "relay_event_loop_lag_seconds",
+            "How late a timer sampled every 25 ms ran on the event loop: how long ready work waited.",
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.gc_pause_seconds = Histogram(
+            "relay_gc_pause_seconds",
+            "Duration of each garbage collection (every thread stops), by generation.",
+            ["generation"],
+            buckets=WAIT_BUCKETS,
             registry=registry,
         )
         self.requests_in_flight = Gauge(
@@ -455,6 +476,8 @@ class Metrics:
             self.matrix_transaction_seconds.labels(outcome)
         for kind in MATRIX_EVENT_KINDS:
             self.matrix_events.labels(kind)
+        for generation in ("0", "1", "2"):
+            self.gc_pause_seconds.labels(generation)
 
     def prime_callbacks(self, commands: Iterable[str]) -> None:
         """Create the callback series of a provider's known commands (and "other") at zero."""

@@ -63,6 +63,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     spool_dir: Path = Path("./spool")
+    # Diagnostics (docs/metrics.md): a JSON line per 100 ms of what the process waited on.
+    slice_log: Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     shutdown_delay: float = 5.0
     drain_timeout: float = 10.0
@@ -90,6 +92,10 @@ class Settings:
     workers: int = 1
     # -- recall gateway (docs/recall-gateway.md) --
     audit_queues: tuple[str, ...] = ()
+    # The history (docs/history.md): a stream bound with message.#, kept for max_age / max_bytes.
+    audit_stream: str | None = None
+    audit_stream_max_age: str = "90D"
+    audit_stream_max_bytes: int = 20_000_000_000
     # caller NAME -> its API tokens (several during a rotation), unscoped. Never printed.
     api_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     # RELAY_API_KEYS_FILE, and the scoped keys read from it at start (docs/recall-gateway.md).
@@ -167,11 +173,11 @@ class Settings:
         """What is valid but probably not meant, by code (``relay check-config`` prints them, ``serve``
         logs each as ``relay.<code>``)."""
         out: dict[str, str] = {}
-        if self.gateway and not self.audit_queues:
+        if self.gateway and not self.audit_queues and self.audit_stream is None:
             out["gateway_without_audit_queue"] = (
                 "the recall gateway is on but RELAY_AUDIT_QUEUES is empty: nothing binds message.#, so the audit"
                 " events (message.recall_requested, message.recall_failed) are returned as unroutable and wait in"
-                " the spool, and every later event waits behind them"
+                " the spool, and every later event waits behind them (RELAY_AUDIT_STREAM binds message.# too)"
             )
         if self.api_tokens:
             out["api_tokens_unscoped"] = (
@@ -261,6 +267,8 @@ class Settings:
         ):
             problems.append("RELAY_AUDIT_QUEUES: a queue is also in RELAY_QUEUES (one binding each)")
 
+        _stream_from_env(get, number, values, problems)
+
         host = get("RELAY_HOST")
         if host is not None:
             values["host"] = host
@@ -344,6 +352,9 @@ class Settings:
         spool_dir = get("RELAY_SPOOL_DIR")
         if spool_dir is not None:
             values["spool_dir"] = Path(spool_dir)
+        slice_log = get("RELAY_SLICE_LOG")
+        if slice_log is not None:
+            values["slice_log"] = Path(slice_log)
 
         for name, key, allowed in (
             ("RELAY_LOG_LEVEL", "log_level", _LOG_LEVELS),
@@ -427,6 +438,40 @@ def _redis(get: Callable[[str], str | None], values: dict[str, object], problems
             values["redis_wait_timeout"] = seconds
         else:
             problems.append(f"RELAY_REDIS_WAIT_TIMEOUT: expected seconds from 0.001 to 10, got {timeout!r}")
+
+
+# RabbitMQ's x-max-age: a positive number and one unit (Y, M, D, h, m, s), e.g. 90D, 12h.
+_MAX_AGE = re.compile(r"[1-9][0-9]{0,8}[YMDhms]")
+
+
+def _stream_from_env(
+    get: Callable[[str], str | None],
+    number: Callable[[str, str, type[int] | type[float], float, float], None],
+    values: dict[str, object],
+    problems: list[str],
+) -> None:
+    """RELAY_AUDIT_STREAM and its retention (docs/history.md)."""
+    stream = get("RELAY_AUDIT_STREAM")
+    if stream is not None:
+        taken = set(cast(tuple[str, ...], values.get("queues", ()))) | set(
+            cast(tuple[str, ...], values.get("audit_queues", ()))
+        )
+        if stream.startswith("amq.") or not _AMQP_NAME.fullmatch(stream):
+            problems.append(f"RELAY_AUDIT_STREAM: {stream!r} is reserved, too long or {_NAME_RULE}")
+        elif stream in taken:
+            problems.append("RELAY_AUDIT_STREAM: also in RELAY_QUEUES or RELAY_AUDIT_QUEUES (a stream is not a queue)")
+        else:
+            values["audit_stream"] = stream
+    max_age = get("RELAY_AUDIT_STREAM_MAX_AGE")
+    if max_age is not None:
+        if not _MAX_AGE.fullmatch(max_age):
+            problems.append(
+                f"RELAY_AUDIT_STREAM_MAX_AGE: expected a number and one of Y M D h m s (RabbitMQ's x-max-age,"
+                f" e.g. 90D or 12h), got {max_age!r}"
+            )
+        else:
+            values["audit_stream_max_age"] = max_age
+    number("RELAY_AUDIT_STREAM_MAX_BYTES", "audit_stream_max_bytes", int, 1024 * 1024, 1 << 50)
 
 
 def _port_ok(url: str) -> bool:

@@ -44,22 +44,27 @@ def _object(value: object) -> dict[str, object]:
 
 
 def render(message: AbstractIncomingMessage, *, as_json: bool) -> str:
+    """One output line for a delivery: see :func:`render_event`."""
+    return render_event(message.body, message.routing_key, message.message_id, as_json=as_json)
+
+
+def render_event(body: bytes, routing_key: str | None, message_id: str | None, *, as_json: bool) -> str:
     """One output line: the event with its routing key and message_id (JSON), or an aligned summary:
     event time, conversation type, eventID, operator role/userID, sender, msgID; for the recall
     gateway's audit events the request's time and moderator, then the event type, requestID and
     (for a failure) status and Tencent's code; then, for either, the requestID of a joined
     revocation and the reason."""
     try:
-        event = orjson.loads(message.body)
+        event = orjson.loads(body)
     except orjson.JSONDecodeError:
         event = None
     if as_json:
-        line = {"routingKey": message.routing_key, "messageID": message.message_id, "event": event}
+        line = {"routingKey": routing_key, "messageID": message_id, "event": event}
         if not isinstance(event, dict):
-            line["raw"] = message.body.decode("utf-8", "replace")
+            line["raw"] = body.decode("utf-8", "replace")
         return orjson.dumps(line).decode()
     if not isinstance(event, dict):
-        return f"{_clean(message.routing_key)}  {_clean(message.message_id)}  (not a JSON event)"
+        return f"{_clean(routing_key)}  {_clean(message_id)}  (not a JSON event)"
     operator, conversation = _object(event.get("operator")), _object(event.get("conversation"))
     at, sender, extra = event.get("eventTime"), event.get("sender"), ""
     if event.get("type", EVENT_TYPE) != EVENT_TYPE:

@@ -109,7 +109,8 @@ def supervise(count: int, argv: list[str]) -> int:
                 codes[index] = code
                 continue
             start(index)
-    log.info("relay.workers_stopped", codes=codes)
+    # JSON logs take string keys only (orjson): {"0": 0, "1": 0}.
+    log.info("relay.workers_stopped", codes={str(index): code for index, code in sorted(codes.items())})
     if EXIT_CANNOT_LISTEN in codes.values():
         return EXIT_CANNOT_LISTEN
     return 0 if all(code == 0 for code in codes.values()) else 1

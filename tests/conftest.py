@@ -26,15 +26,21 @@ def _plain_structlog() -> None:
 REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def _required(url: str, default_port: int, what: str) -> str:
+    """*url* when something answers there; else skip locally, fail in CI (RELAY_REQUIRE_BROKER=1)."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or default_port}"
+    if not answers(url, default_port):
+        if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
+            pytest.fail(f"no {what} at {where} and RELAY_REQUIRE_BROKER=1", pytrace=False)
+        pytest.skip(f"no {what} at {where}")
+    return url
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A real Redis (the shared correlation store). Skipped locally without one, a failure in CI."""
-    parts = urlsplit(REDIS_URL)
-    if not answers(REDIS_URL, 6379):
-        if os.environ.get("RELAY_REQUIRE_BROKER") == "1":
-            pytest.fail(f"no Redis at {parts.netloc} and RELAY_REQUIRE_BROKER=1", pytrace=False)
-        pytest.skip(f"no Redis at {parts.netloc}")
-    return REDIS_URL
+    return _required(REDIS_URL, 6379, "Redis")
 
 
 @pytest.fixture
@@ -43,6 +49,15 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A real PostgreSQL (the consumer kit's inbox). Skipped locally without one, a failure in CI."""
+    return _required(POSTGRES_URL, 5432, "PostgreSQL")
 
 
 def pytest_report_header() -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import socket
+import sys
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -121,3 +124,14 @@ def recall_command(
         "moderator": {"userID": "mod_7"},
     }
     return parse_request(orjson.dumps(body), new_id=lambda: "x")
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import examples/<filename> as a module (examples/ is scripts, not a package)."""
+    path = Path(__file__).parents[1] / "examples" / filename
+    spec = importlib.util.spec_from_file_location(f"revoke_relay_example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building the class
+    spec.loader.exec_module(module)
+    return module

@@ -458,3 +458,17 @@ async def test_a_body_not_needed_is_skipped_as_it_arrives(serve: Callable[..., A
     writer.write(request("next"))
     assert (await read_response(reader))[0] == 200
     assert (served.front.served, served.front.handed_over) == (2, 0)
+
+
+async def test_the_wait_before_a_handler_and_the_loop_lag_are_measured(
+    serve: Callable[..., Awaitable[Served]],
+) -> None:
+    """relay_request_wait_seconds counts each fast-path request; the loop-lag sampler runs with the app."""
+    served = await serve()
+    reader, writer = await served.connect()
+    for i in range(3):
+        writer.write(request(f"w{i}"))
+        assert (await read_response(reader))[0] == 200
+    await asyncio.sleep(0.06)
+    assert served.registry.get_sample_value("relay_request_wait_seconds_count") == 3
+    assert (served.registry.get_sample_value("relay_event_loop_lag_seconds_count") or 0) >= 1

@@ -27,10 +27,10 @@ GATEWAY = {
 
 
 def relay(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """``python -m relay`` with only *env* (and PATH) set, to its end."""
+    """``python -m relay`` with only *env* (and PATH) set, to its end; JSON logs, as in production."""
     return subprocess.run(
         [sys.executable, "-m", "relay", *args],
-        env={"PATH": os.environ["PATH"], "RELAY_LOG_FORMAT": "console", **env},
+        env={"PATH": os.environ["PATH"], **env},
         capture_output=True,
         text=True,
         timeout=timeout,

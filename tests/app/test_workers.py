@@ -42,7 +42,7 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path
         "RELAY_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",  # no broker: events are spooled
         "RELAY_SPOOL_DIR": str(tmp_path),
         "RELAY_SHUTDOWN_DELAY": "0",
-        "RELAY_LOG_LEVEL": "warning",
+        "RELAY_LOG_LEVEL": "info",  # JSON at info, as deployed: the supervisor logs its workers_stopped
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--workers", "2"],

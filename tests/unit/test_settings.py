@@ -206,3 +206,42 @@ def test_bad_gateway_settings_are_named(env: dict[str, str], named: str) -> None
         Settings.from_env({"RELAY_SDKAPPIDS": "1400000001", **env})
     assert named in str(caught.value)
     assert "tok-aaaa" not in str(caught.value)
+
+
+def test_the_history_stream_is_off_by_default_with_documented_retention() -> None:
+    """No RELAY_AUDIT_STREAM: no stream; its retention defaults to 90D and 20 GB."""
+    s = Settings.from_env({"RELAY_SDKAPPIDS": "1400000001"})
+    assert (None, "90D", 20_000_000_000) == (s.audit_stream, s.audit_stream_max_age, s.audit_stream_max_bytes)
+    s = Settings.from_env(
+        {
+            "RELAY_SDKAPPIDS": "1400000001",
+            "RELAY_AUDIT_STREAM": "relay.history",
+            "RELAY_AUDIT_STREAM_MAX_AGE": "12h",
+            "RELAY_AUDIT_STREAM_MAX_BYTES": "5000000",
+        }
+    )
+    assert ("relay.history", "12h", 5_000_000) == (s.audit_stream, s.audit_stream_max_age, s.audit_stream_max_bytes)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"RELAY_AUDIT_STREAM_MAX_AGE": "90 days"}, id="age-words"),
+        pytest.param({"RELAY_AUDIT_STREAM_MAX_AGE": "0D"}, id="age-zero"),
+        pytest.param({"RELAY_AUDIT_STREAM_MAX_BYTES": "lots"}, id="bytes-not-a-number"),
+        pytest.param({"RELAY_AUDIT_STREAM": "amq.history"}, id="reserved-name"),
+        pytest.param({"RELAY_AUDIT_STREAM": "q1", "RELAY_QUEUES": "q1"}, id="stream-is-a-queue"),
+    ],
+)
+def test_bad_history_settings_are_named(env: dict[str, str]) -> None:
+    """Each bad history setting is refused naming its variable."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RELAY_SDKAPPIDS": "1400000001", **env})
+    assert next(iter(env)) in str(caught.value.problems)
+
+
+def test_a_history_stream_takes_the_gateways_audit_events() -> None:
+    """The gateway without an audit queue warns, unless RELAY_AUDIT_STREAM binds message.# instead."""
+    assert "gateway_without_audit_queue" in Settings.from_env(GATEWAY).warnings
+    with_stream = Settings.from_env({**GATEWAY, "RELAY_AUDIT_STREAM": "relay.history"})
+    assert "gateway_without_audit_queue" not in with_stream.warnings
