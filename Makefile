@@ -18,7 +18,7 @@ run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 IMAGE ?= localhost/revoke-relay:dev
 
-.PHONY: run sample test lint typecheck ops pytest faults faults-cluster bench broker synapse image image-test clean
+.PHONY: run sample test lint typecheck ops pytest faults faults-cluster faults-redis bench broker synapse image image-test clean
 
 # What serving needs (make run); the test extras come on top (make test and the other targets).
 $(RUN_STAMP): pyproject.toml constraints.txt
@@ -80,6 +80,14 @@ faults-cluster: $(STAMP)
 	$(BIN)/python -m tests.faults --cluster --profile full --net-ticktime 15 partition_frozen \
 		--out bench/results/faults-cluster-ticktime15.json || status=1; \
 	exit $$status
+
+# The correlation store's fault scenarios on private Redis servers (a six-node cluster, a Sentinel set):
+# primary SIGKILL and SIGSTOP, the whole cluster down, resharding, at 200 callbacks/s; the table goes to
+# bench/results/faults-redis.json (docs/deploy.md). CI runs the short profile inside `make pytest`.
+faults-redis: $(STAMP)
+	rm -f bench/results/faults-redis.json
+	RELAY_REDIS_FAULTS=full RELAY_REDIS_FAULTS_OUT=bench/results/faults-redis.json \
+		$(BIN)/pytest -p no:cacheprovider -s -v tests/faults/test_redis.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests examples bench

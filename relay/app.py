@@ -19,9 +19,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.access import SourcePolicy
-from relay.correlation import CorrelationStore, Enricher, MemoryStore, RedisStore
 from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
+from relay.enricher import Enricher
 from relay.errors import ConfigError
 from relay.fastpath import RelayRunner
 from relay.gateway.api import ApiRunner, create_api_app
@@ -36,6 +36,10 @@ from relay.publisher import AmqpPublisher, Publisher
 from relay.runtime import GcPauses, LoopLag, SliceLog
 from relay.settings import Settings
 from relay.spool import Spool
+from relay.store import CorrelationStore
+from relay.store.memory import MemoryStore
+from relay.store.redis import RedisStore
+from relay.store.topology import Topology
 from relay.tencent.auth import Authenticator
 from relay.tencent.ingress import CallbackHandler
 from relay.workers import merged_metrics, peer_readiness
@@ -158,8 +162,9 @@ def correlation_store(settings: Settings, metrics: Metrics) -> CorrelationStore 
         return None
     # The gateway resolves a msgID through the send records: index them by msgID then.
     index = settings.gateway and settings.enrichment
-    if settings.redis_url:
-        return RedisStore(settings.redis_url, settings.correlation_ttl, metrics, index_msg_ids=index)
+    options = settings.redis_options
+    if options is not None:
+        return RedisStore(Topology(options, metrics), settings.correlation_ttl, metrics, index_msg_ids=index)
     # Gateway records (leases, answers, joins) have a bound of their own: sends never evict them.
     return MemoryStore(settings.correlation_ttl, settings.correlation_max_entries, metrics, index_msg_ids=index)
 
@@ -423,8 +428,9 @@ def readiness(app: web.Application) -> tuple[bool, dict[str, object]]:
             "oldest_age_seconds": round(spool.oldest_age(), 3),
         },
         "draining": draining,
-        # The command queue is reported, never decides: callbacks do not need it.
+        # The command queue and the Redis store are reported, never decide: callbacks need neither.
         **({"commands": app[COMMANDS].status} if COMMANDS in app else {}),
+        **({"store": store.topology.status()} if isinstance(store := app[ENRICHER].store, RedisStore) else {}),
     }
 
 

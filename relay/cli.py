@@ -37,7 +37,6 @@ from relay.app import (
     make_runner,
     reload_credentials,
 )
-from relay.correlation import RedisStore
 from relay.drainer import Drainer
 from relay.errors import ConfigError, SpoolError
 from relay.history import Selection, parse_filter, parse_when
@@ -50,6 +49,8 @@ from relay.metrics import Metrics
 from relay.publisher import AmqpPublisher
 from relay.settings import Settings
 from relay.spool import Spool, SpoolStore
+from relay.store.redis import RedisStore
+from relay.store.topology import StoreMisconfigured, Topology
 from relay.tail import DEFAULT_KEY, tail
 from relay.tencent.samples import KINDS, callback_query, encode, sample_body
 from relay.workers import EXIT_CANNOT_LISTEN, socket_path, supervise, worker_slot
@@ -145,7 +146,14 @@ async def serve(settings: Settings, worker: tuple[int, int] | None = None) -> in
     """
     app = create_app(settings, worker=worker)
     runner = make_runner(app)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StoreMisconfigured as exc:
+        # The Redis servers answered and contradict the settings: no restart will fix that.
+        log.error("relay.store_misconfigured", error=str(exc))
+        print(f"relay: {exc}", file=sys.stderr)
+        await runner.cleanup()
+        return EXIT_CANNOT_LISTEN
     # SO_REUSEPORT under --workers: every worker binds the port, the kernel spreads connections.
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None)
     if not await _listen(site, "RELAY_PORT", settings.host, settings.port):
@@ -393,10 +401,12 @@ def cmd_correlation(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             file=sys.stderr,
         )
         return 1
-    url = settings.redis_url
+    options = settings.redis_options
+    assert options is not None
 
     async def purge() -> int:
-        store = RedisStore(url, settings.correlation_ttl, Metrics(CollectorRegistry()))
+        metrics = Metrics(CollectorRegistry())
+        store = RedisStore(Topology(options, metrics), settings.correlation_ttl, metrics)
         try:
             return await store.purge_sender(args.user)
         finally:

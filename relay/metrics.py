@@ -25,6 +25,7 @@ PUBLISH_OUTCOMES = ("confirmed", *PUBLISH_REASONS)
 SPOOL_WRITE_FAILURES = ("full", "unavailable")
 LOOKUP_RESULTS = ("hit", "miss", "error", "disabled")
 STORE_OPS = ("get", "put")
+STORE_FAILURES = ("connection", "timeout", "cluster_down", "moved", "readonly", "auth", "other")
 JOIN_RESULTS = ("joined", "unmatched", "error")
 RECALL_STATUSES = ("recalled", "already_recalled", "not_found", "rejected", "failed")
 # Outcomes of a recall-gateway request: ok, replayed, or an error code of docs/recall-gateway.md.
@@ -327,6 +328,27 @@ class Metrics:
             "Send records held by the embedded (in-memory) store; 0 with Redis.",
             registry=registry,
         )
+        self.correlation_primaries = Gauge(
+            "relay_correlation_primaries",
+            "Redis primaries the relay sees owning slots (cluster), or 1/0 for a reachable primary.",
+            registry=registry,
+        )
+        self.correlation_failovers = Counter(
+            "relay_correlation_failovers_total",
+            "Redis failovers the relay saw: a new primary for some slots (cluster) or a new address (sentinel).",
+            registry=registry,
+        )
+        self.correlation_store_failures = Counter(
+            "relay_correlation_store_failures_total",
+            "Failed Redis operations by kind: connection, timeout, cluster_down, moved, readonly, auth, other.",
+            ["kind"],
+            registry=registry,
+        )
+        self.correlation_replica_unacked = Counter(
+            "relay_correlation_replica_unacked_total",
+            "Gateway record writes no replica acknowledged within RELAY_REDIS_WAIT_TIMEOUT (kept on the primary only).",
+            registry=registry,
+        )
         self.recall_joins = Counter(
             "relay_recall_joins_total",
             "Recall events checked against recall-gateway requests: joined (reason and moderator added),"
@@ -444,6 +466,8 @@ class Metrics:
             self.command_refusals.labels(reason)
         for result in JOIN_RESULTS:
             self.recall_joins.labels(result)
+        for kind in STORE_FAILURES:
+            self.correlation_store_failures.labels(kind)
         for op in STORE_OPS:
             self.correlation_store_seconds.labels(op)
             self.correlation_store_errors.labels(op)

@@ -14,11 +14,12 @@ from dataclasses import dataclass, replace
 import aio_pika
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
-import redis.exceptions
+from prometheus_client import CollectorRegistry
 
 from relay import broker
+from relay.metrics import Metrics
 from relay.settings import Settings, redact_url
+from relay.store.topology import RedisOptions, Topology
 
 TIMEOUT = 5.0
 
@@ -39,8 +40,8 @@ class Result:
 async def probe(settings: Settings) -> list[Result]:
     """Every probe the settings call for, run concurrently."""
     probes: list[Awaitable[Result]] = [_amqp(settings, e.display, e.url) for e in settings.amqp_endpoints]
-    if settings.redis_url:
-        probes.append(_redis(settings.redis_url))
+    if settings.redis_options is not None:
+        probes.append(_redis(settings.redis_options))
     if settings.gateway:
         probes.append(_https("RELAY_TENCENT_API_URL", settings.tencent_api_url, expect_json=False))
     if settings.api_jwks_url:
@@ -87,17 +88,20 @@ async def _amqp(settings: Settings, display: str, url: str) -> Result:
     return Result("RELAY_AMQP_URL", display, True, f"RabbitMQ {version or '?'} answered; {exchange}", True)
 
 
-async def _redis(url: str) -> Result:
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+async def _redis(options: RedisOptions) -> Result:
+    shown = ",".join(redact_url(u) for u in options.urls)
+    topology = Topology(options, Metrics(CollectorRegistry()))
     try:
-        async with asyncio.timeout(TIMEOUT):
-            await client.ping()
-            info = await client.info("server")
-    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-        return Result("RELAY_REDIS_URL", redact_url(url), False, _why(exc), True)
+        async with asyncio.timeout(TIMEOUT * 2):
+            await topology.check()  # also refuses a server that contradicts RELAY_REDIS_MODE
+    except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
+        return Result("RELAY_REDIS_URL", shown, False, _why(exc), True)
     finally:
-        await client.aclose()
-    return Result("RELAY_REDIS_URL", redact_url(url), True, f"Redis {info.get('redis_version', '?')} answered", True)
+        await topology.close()
+    status = topology.status()
+    return Result(
+        "RELAY_REDIS_URL", shown, True, f"Redis ({options.mode}, {status['primaries']} primaries) answered", True
+    )
 
 
 async def _https(name: str, url: str, *, expect_json: bool) -> Result:

@@ -19,6 +19,7 @@ from relay.endpoints import Endpoint, EndpointError, parse_endpoints, redact
 from relay.errors import ConfigError
 from relay.gateway.keys import ApiKey, check_keys, legacy_keys, load_keys
 from relay.gateway.moderators import load_jwks_file
+from relay.store.topology import Mode, RedisOptions, split_urls
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # AMQP 0-9-1 exchange/queue name domain (what the protocol codec enforces), at most 127 chars.
@@ -74,6 +75,14 @@ class Settings:
     allowed_cidrs: tuple[Network, ...] = ()
     trusted_proxies: tuple[Network, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
+    # RELAY_REDIS_MODE: standalone (one URL), cluster (seed nodes) or sentinel (the sentinels).
+    redis_mode: str = "standalone"
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_username: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    redis_wait_replicas: int | None = None  # None: 0 standalone, 1 cluster and sentinel
+    redis_wait_timeout: float = 0.5
     enrichment: bool = True
     enrichment_timeout: float = 0.05
     correlation_ttl: int = 7 * 24 * 3600
@@ -129,7 +138,9 @@ class Settings:
             elif f.name == "amqp_url":
                 out[f.name] = redact(value)
             elif f.name == "redis_url":
-                out[f.name] = redact_url(value) if value else None
+                out[f.name] = ",".join(redact_url(u) for u in value.split(",")) if value else None
+            elif f.name in ("redis_sentinel_password", "redis_password"):
+                out[f.name] = "***" if value else None
             elif f.name in ("callback_tokens", "api_tokens", "tencent_secret_keys"):
                 out[f.name] = {name: "***" for name in value}
             elif f.name == "api_keys":
@@ -137,6 +148,22 @@ class Settings:
             elif value:  # the Matrix tokens
                 out[f.name] = "***"
         return out
+
+    @property
+    def redis_options(self) -> RedisOptions | None:
+        """What the store's Redis client is built from; None without RELAY_REDIS_URL."""
+        if not self.redis_url:
+            return None
+        return RedisOptions(
+            urls=split_urls(self.redis_url),
+            mode=cast(Mode, self.redis_mode),
+            sentinel_master=self.redis_sentinel_master,
+            sentinel_password=self.redis_sentinel_password,
+            username=self.redis_username,
+            password=self.redis_password,
+            wait_replicas=self.redis_wait_replicas,
+            wait_timeout=self.redis_wait_timeout,
+        )
 
     def __repr__(self) -> str:
         return "Settings(" + ", ".join(f"{name}={value!r}" for name, value in self.shown().items()) + ")"
@@ -320,16 +347,7 @@ class Settings:
                 values[key] = raw.lower() in _ON
             else:
                 problems.append(f"{name}: expected on or off, got {raw!r}")
-        redis_url = get("RELAY_REDIS_URL")
-        if redis_url is not None:
-            if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-                problems.append(
-                    f"RELAY_REDIS_URL: must start with redis://, rediss:// or unix://, got {redact_url(redis_url)!r}"
-                )
-            elif not _port_ok(redis_url):
-                problems.append("RELAY_REDIS_URL: the port must be a number from 1 to 65535")
-            else:
-                values["redis_url"] = redis_url
+        _redis(get, values, problems)
 
         spool_dir = get("RELAY_SPOOL_DIR")
         if spool_dir is not None:
@@ -360,6 +378,66 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _redis(get: Callable[[str], str | None], values: dict[str, object], problems: list[str]) -> None:
+    """RELAY_REDIS_*: the mode, its URLs (one, or several comma-separated), credentials, WAIT."""
+    mode = (get("RELAY_REDIS_MODE") or "standalone").lower()
+    if mode not in ("standalone", "cluster", "sentinel"):
+        problems.append(f"RELAY_REDIS_MODE: expected standalone, cluster or sentinel, got {mode!r}")
+        return
+    values["redis_mode"] = mode
+    raw = get("RELAY_REDIS_URL")
+    urls = [u.strip() for u in (raw or "").split(",") if u.strip()]
+    if raw is not None:
+        schemes = ("redis", "rediss", "unix") if mode == "standalone" else ("redis", "rediss")
+        bad = [u for u in urls if urlsplit(u).scheme not in schemes]
+        if not urls:
+            problems.append("RELAY_REDIS_URL: empty")
+        elif bad:
+            allowed = ", ".join(f"{s}://" for s in schemes)
+            problems.append(f"RELAY_REDIS_URL: must start with {allowed}, got {redact_url(bad[0])!r}")
+        elif not all(_port_ok(u) for u in urls):
+            problems.append("RELAY_REDIS_URL: the port must be a number from 1 to 65535")
+        elif mode == "standalone" and len(urls) > 1:
+            problems.append(
+                "RELAY_REDIS_URL: one URL in standalone mode (several: set RELAY_REDIS_MODE=cluster or sentinel)"
+            )
+        else:
+            values["redis_url"] = ",".join(urls)
+    elif mode != "standalone":
+        problems.append(f"RELAY_REDIS_URL: required with RELAY_REDIS_MODE={mode}")
+    master = get("RELAY_REDIS_SENTINEL_MASTER")
+    if mode == "sentinel" and not master:
+        problems.append("RELAY_REDIS_SENTINEL_MASTER: required with RELAY_REDIS_MODE=sentinel (the primary's name)")
+    elif master and mode != "sentinel":
+        problems.append("RELAY_REDIS_SENTINEL_MASTER: only with RELAY_REDIS_MODE=sentinel")
+    else:
+        values["redis_sentinel_master"] = master
+    for name, key in (
+        ("RELAY_REDIS_SENTINEL_PASSWORD", "redis_sentinel_password"),
+        ("RELAY_REDIS_USERNAME", "redis_username"),
+        ("RELAY_REDIS_PASSWORD", "redis_password"),
+    ):
+        value = get(name)
+        if value is not None:
+            values[key] = value
+    replicas = get("RELAY_REDIS_WAIT_REPLICAS")
+    if replicas is not None:
+        if replicas.isdigit() and int(replicas) <= 16:
+            values["redis_wait_replicas"] = int(replicas)
+        else:
+            problems.append(f"RELAY_REDIS_WAIT_REPLICAS: expected a number from 0 to 16, got {replicas!r}")
+    timeout = get("RELAY_REDIS_WAIT_TIMEOUT")
+    if timeout is not None:
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            seconds = -1.0
+        if 0.001 <= seconds <= 10:
+            values["redis_wait_timeout"] = seconds
+        else:
+            problems.append(f"RELAY_REDIS_WAIT_TIMEOUT: expected seconds from 0.001 to 10, got {timeout!r}")
 
 
 # RabbitMQ's x-max-age: a positive number and one unit (Y, M, D, h, m, s), e.g. 90D, 12h.

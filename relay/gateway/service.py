@@ -31,7 +31,6 @@ from urllib.parse import quote
 import orjson
 import structlog
 
-from relay.correlation import Attribution, CorrelationStore, StoreError, StoreFull, msg_id_key, recall_key
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError, SpoolFull
 from relay.events import Envelope, RecallRequest
@@ -41,7 +40,9 @@ from relay.gateway.moderators import KeysUnavailable, TokenRefused, Verifier
 from relay.gateway.outcomes import NO_CODE, Outcome, cut_reason
 from relay.gateway.request import FieldError, Moderator, RecallCommand, Target
 from relay.gateway.tencent_api import TencentUnreachable
+from relay.joins import Attribution, recall_key
 from relay.metrics import Metrics
+from relay.store import CorrelationStore, StoreError, StoreFull, msg_id_key
 
 log = structlog.get_logger()
 
@@ -189,7 +190,9 @@ class RecallService:
         command, problems = await self._resolve(command)
         if problems:
             return error(400, "invalid_request", "some messages cannot be recalled", fields=problems)
-        name = quote(caller.name, safe="") + "/" + quote(command.request_id, safe="")
+        # A hash tag: the request's lease, answer and attribution share one slot in a Redis Cluster
+        # (quote() encodes any brace in the names, so the tag is exactly this).
+        name = "{" + quote(caller.name, safe="") + "/" + quote(command.request_id, safe="") + "}"
         fingerprint = hashlib.sha256(orjson.dumps([command.fingerprint, moderator.to_dict()])).hexdigest()
         ledger = "request:" + name
         earlier = await self._claim(ledger, command.request_id, fingerprint)

@@ -19,8 +19,8 @@ import structlog
 from aiohttp import web
 
 from relay.bodies import BodyError, read_body
-from relay.correlation import Enricher, apply
 from relay.dispatch import Dispatcher
+from relay.enricher import Enricher, apply
 from relay.errors import SpoolError, SpoolFull
 from relay.events import RevokeEvent
 from relay.matrix.auth import HsTokenAuth

@@ -21,9 +21,9 @@ from urllib.parse import quote
 
 import orjson
 
-from relay.correlation import SendRecord
 from relay.events import Conversation, Enrichment, Operator, RevokeEvent, name_id
 from relay.matrix.errors import MatrixReject, MatrixRejection
+from relay.store import SendRecord
 
 # Synapse puts at most 100 events in a transaction; ten times that bounds the work of one request
 # without refusing any homeserver's real batches.

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from relay.access import SourcePolicy
 from relay.bodies import BodyError, read_body
-from relay.correlation import Enricher
 from relay.dispatch import Dispatcher
+from relay.enricher import Enricher
 from relay.errors import STATUS, Reject, Rejection, SpoolError, SpoolFull
 from relay.fastpath import BodyReader, Reply
 from relay.metrics import Metrics

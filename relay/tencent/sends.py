@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from relay.correlation import SendRecord, correlation_key
 from relay.errors import Reject, Rejection
+from relay.store import SendRecord, correlation_key
 from relay.tencent.callback import CallbackQuery
 from relay.tencent.normalize import MAX_ID_CHARS, group_server_key, parse_object, resolve_command
 

@@ -397,3 +397,21 @@ async def test_relay_recall_posts_what_its_flags_say(gw: Gateway, capsys: pytest
     wrong = [*c2c, "--token", "not-the-token-at-all"]
     assert 1 == await asyncio.to_thread(main, wrong, env)
     assert "unauthorized" in capsys.readouterr().out
+
+
+async def test_a_requests_records_share_hash_slots(gw: Gateway) -> None:
+    """The lease/answer and the attribution of one request share a slot; so do its join records
+    (issue 21: nothing one request changes together spans Redis Cluster slots)."""
+    from redis.crc import key_slot
+
+    from relay.store import GATEWAY_PREFIX
+
+    assert 200 == (await gw.recall(request(messages=[{"msgSeq": n} for n in range(1, 6)])))[0]
+    store = gw.relay.app[GATEWAY].store
+    keys = list(store._gateway)
+    slots: dict[str, set[int]] = {}
+    for key in keys:
+        slots.setdefault(key.partition(":")[0], set()).add(key_slot((GATEWAY_PREFIX + key).encode()))
+    assert {"request", "attribution", "recall"} == set(slots)
+    assert slots["request"] == slots["attribution"]
+    assert 1 == len(slots["recall"])

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from relay.correlation import KEY_PREFIX
+from relay.store import KEY_PREFIX
 from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL
 from relay.tencent.samples import callback_query
 from relay.tencent.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND
@@ -253,8 +253,8 @@ async def test_purge_deletes_only_that_senders_records(
     """`relay correlation purge --user` removes every record of that sender and keeps the others'."""
     from prometheus_client import CollectorRegistry
 
-    from relay.correlation import RedisStore
     from relay.metrics import Metrics
+    from relay.store.redis import RedisStore
 
     victim, other = f"u_gone_{scenario.tag}", f"u_stays_{scenario.tag}"
     keys = []
@@ -262,7 +262,7 @@ async def test_purge_deletes_only_that_senders_records(
         key = f"{scenario.tag}_{i}_1767225540"
         await scenario.sent(C2C_SEND, {"From_Account": sender, "To_Account": "u_b", "MsgKey": key}, f"{APP}/c2c/{key}")
         keys.append(KEY_PREFIX + f"{APP}/c2c/{key}")
-    store = RedisStore(redis_url, 60, Metrics(CollectorRegistry()))
+    store = RedisStore.from_url(redis_url, 60, Metrics(CollectorRegistry()))
     try:
         assert 2 == await store.purge_sender(victim)
     finally:

@@ -14,8 +14,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from relay.app import API, GATEWAY, create_app
-from relay.correlation import GATEWAY_PREFIX, MemoryStore, RedisStore
 from relay.metrics import Metrics
+from relay.store import GATEWAY_PREFIX
+from relay.store.memory import MemoryStore
+from relay.store.redis import RedisStore
 from tests.app.test_gateway_api import API_TOKEN, AUTH, SECRET, FakeTencent
 from tests.helpers import APP, RecordingPublisher, make_settings
 
@@ -29,7 +31,7 @@ async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
     if request.param == "memory":
         yield MemoryStore(60, 1000, metrics)
         return
-    redis_store = RedisStore(redis_url, 60, metrics)
+    redis_store = RedisStore.from_url(redis_url, 60, metrics)
     yield redis_store
     await redis_store.close()
 
@@ -77,8 +79,8 @@ async def test_4_a_large_request_keeps_its_reason_once_and_short_lived_join_reco
     }
     response = await api.post("/v1/recalls", data=orjson.dumps(body), headers=AUTH)
     assert 200 == response.status
-    joins = [k async for k in redis_client.scan_iter(match=f"{GATEWAY_PREFIX}recall:{APP}/group/*{group[5:]}*")]
-    mine = [k async for k in redis_client.scan_iter(match=f"{GATEWAY_PREFIX}*{request_id}")]
+    joins = [k async for k in redis_client.scan_iter(match=f"{GATEWAY_PREFIX}recall:{{{APP}/group/*{group[5:]}*")]
+    mine = [k async for k in redis_client.scan_iter(match=f"{GATEWAY_PREFIX}*{request_id}}}")]
     assert 100 == len(joins)
     assert 2 == len(mine)  # the attribution (reason, moderator) and the stored answer
     sizes = [int(await redis_client.memory_usage(k) or 0) for k in [*joins, *mine]]

@@ -10,10 +10,13 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.correlation import Enricher, MemoryStore, RedisStore, SendRecord
+from relay.enricher import Enricher
 from relay.errors import Reject, Rejection
 from relay.events import RevokeEvent
 from relay.metrics import Metrics
+from relay.store import SendRecord
+from relay.store.memory import MemoryStore
+from relay.store.redis import RedisStore
 from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.tencent.normalize import normalize
 from relay.tencent.sends import C2C_SEND, GROUP_SEND, OFFICIAL_ACCOUNT_SEND, parse_send
@@ -289,7 +292,7 @@ async def test_memory_store_holds_records_compactly() -> None:
 async def test_redis_writer_falling_behind_slows_send_callbacks_instead_of_dropping() -> None:
     """A full write queue makes submit wait for room (FIFO); only past the wait is a record dropped."""
     metrics = Metrics(CollectorRegistry())
-    store = RedisStore("redis://127.0.0.1:1", 60, metrics)  # never connected: the queue is what is tested
+    store = RedisStore.from_url("redis://127.0.0.1:1", 60, metrics)  # never connected: the queue is what is tested
     store._queue = asyncio.Queue(2)
     await store.submit([SendRecord("k1", None, "u", None), SendRecord("k2", None, "u", None)])
     waiting = asyncio.create_task(store.submit([SendRecord("k3", None, "u", None)], wait=5))
@@ -306,3 +309,25 @@ async def test_redis_writer_falling_behind_slows_send_callbacks_instead_of_dropp
     assert 0.15 < asyncio.get_running_loop().time() - started < 1
     assert metrics.registry.get_sample_value("relay_correlation_dropped_total") == 1
     await store.close()
+
+
+async def test_while_the_writer_fails_a_full_queue_drops_without_waiting() -> None:
+    """Redis down: once a batch has failed, a send callback that finds the queue full is not held
+    (issue 21: callbacks never wait on Redis); the record is dropped and counted."""
+    metrics = Metrics(CollectorRegistry())
+    store = RedisStore.from_url("redis://127.0.0.1:1", 60, metrics)  # nothing listens: every write fails
+    await store.start()
+    try:
+        await store.submit([SendRecord("first", None, "u", None)])
+        async with asyncio.timeout(5):
+            while not metrics.registry.get_sample_value("relay_correlation_dropped_total"):
+                await asyncio.sleep(0.01)  # the writer tried and failed
+        store._queue = asyncio.Queue(1)
+        store._queue.put_nowait(SendRecord("held", None, "u", None))
+        started = asyncio.get_running_loop().time()
+        await store.submit([SendRecord("late", None, "u", None)], wait=5)
+        assert asyncio.get_running_loop().time() - started < 0.1
+        assert 2 == metrics.registry.get_sample_value("relay_correlation_dropped_total")
+    finally:
+        store._queue = asyncio.Queue()  # nothing left for close() to wait on
+        await store.close()

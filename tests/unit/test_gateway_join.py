@@ -9,11 +9,14 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.correlation import Attribution, Enricher, MemoryStore, StoreFull, msg_id_key, recall_key, recall_key_of
+from relay.enricher import Enricher
 from relay.events import RecallRequest, RevokeEvent, event_id
 from relay.gateway.audit import FAILED, REQUESTED, audit_envelope, revoked_event_id
 from relay.gateway.request import Moderator
+from relay.joins import Attribution, recall_key, recall_key_of
 from relay.metrics import Metrics
+from relay.store import StoreFull, msg_id_key
+from relay.store.memory import MemoryStore
 from relay.tencent.callback import C2C_RECALL, GROUP_RECALL, OFFICIAL_ACCOUNT_RECALL, CallbackQuery
 from relay.tencent.normalize import group_server_key, normalize
 from relay.tencent.sends import C2C_SEND, parse_send

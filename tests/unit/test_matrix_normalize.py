@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.correlation import apply
+from relay.enricher import apply
 from relay.events import EVENT_ID_NAMESPACE, event_id
 from relay.matrix.errors import MatrixReject, MatrixRejection
 from relay.matrix.normalize import MAX_EVENTS, Transaction, name, normalize, parse_transaction
