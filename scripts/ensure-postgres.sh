@@ -6,7 +6,7 @@ set -euo pipefail
 answers() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 
 if ! answers; then
-  if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  if ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "installing postgresql (Debian package)"
       DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -16,7 +16,7 @@ if ! answers; then
       exit 1
     fi
   fi
-  version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+  version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
   if command -v pg_lsclusters >/dev/null 2>&1 && [ -z "$(pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v')" ]; then
     pg_createcluster "$version" main >/dev/null
   fi
