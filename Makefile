@@ -18,7 +18,7 @@ run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 IMAGE ?= localhost/revoke-relay:dev
 
-.PHONY: run sample test lint typecheck ops pytest faults faults-cluster bench broker synapse image image-test clean
+.PHONY: run sample test lint typecheck ops pytest faults faults-cluster chaos bench broker synapse image image-test clean
 
 # What serving needs (make run); the test extras come on top (make test and the other targets).
 $(RUN_STAMP): pyproject.toml constraints.txt
@@ -80,6 +80,13 @@ faults-cluster: $(STAMP)
 	$(BIN)/python -m tests.faults --cluster --profile full --net-ticktime 15 partition_frozen \
 		--out bench/results/faults-cluster-ticktime15.json || status=1; \
 	exit $$status
+
+# Random overlapping faults over the whole deployment (three nodes, two relays, Redis, the Tencent
+# simulator) for DURATION with a fresh seed (SEED=N repeats a run), then the checker; the report and its
+# timeline go to bench/results/chaos-<date>.md/.png (the PNG needs the bench extra: matplotlib).
+DURATION ?= 30m
+chaos: $(STAMP)
+	$(BIN)/python -m tests.faults.chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests examples bench

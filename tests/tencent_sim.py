@@ -274,6 +274,10 @@ class TencentSim:
         """The next *n* matching calls are carried out, then answered *seconds* later."""
         self._faults.append(_Fault("delay", n, seconds, api, app))
 
+    def clear_faults(self) -> None:
+        """Forget every scripted fault not used up yet (a chaos run's Tencent outage ends)."""
+        self._faults.clear()
+
     def callbacks_to(
         self, url: str, app: str, token: str | None = None, *, when: When = "after", delay: float = 0.0
     ) -> None:
