@@ -23,7 +23,9 @@ KINDS: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "memory_alarm": (NODES, ""),  # vm_memory_high_watermark below use
     "relay_kill": (RELAYS, "relay_down"),  # SIGKILL under load, restart
     "relay_term": (RELAYS, "relay_down"),  # SIGTERM under load, restart
-    "spool_full": (RELAYS, ""),  # the spool's tmpfs filled up
+    # A relay whose spool's disk is full is half down (it refuses whatever it cannot publish): it counts
+    # as down, so the other relay is never killed meanwhile.
+    "spool_full": (RELAYS, "relay_down"),  # the spool's tmpfs filled up
     "redis_kill": (("redis",), ""),  # the correlation store's primary SIGKILLed, restarted empty
     "redis_freeze": (("redis",), ""),  # SIGSTOP, SIGCONT
     "tencent_slow": (("tencent",), ""),  # every answer held back past RELAY_TENCENT_TIMEOUT
