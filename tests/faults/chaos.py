@@ -517,10 +517,14 @@ async def main_async(
         for fault in chaos.plan.faults:
             print(f"  {fault.start:7.1f} s  {fault.length:5.1f} s  {fault.label()}", flush=True)
         verdict = await chaos.run()
+    except BaseException:
+        print(f"chaos seed {seed}: ERROR (the run itself failed; work dir {root})", flush=True)
+        raise
     finally:
         await chaos.cleanup()
     log = root / "requests.jsonl"
-    log.write_bytes(b"".join(orjson.dumps(r.row()) + b"\n" for r in chaos.requests))
+    rows = [*chaos.requests, *chaos.tencent_callbacks()]
+    log.write_bytes(b"".join(orjson.dumps(r.row()) + b"\n" for r in rows))
     report = write_report(chaos, verdict, out_dir, tmpfs=tmpfs, wall=time.monotonic() - started) if out_dir else None
     for name, value in verdict.counts.items():
         print(f"  {name}: {value}")
