@@ -352,9 +352,13 @@ class TencentSim:
         self.journal.append(f"#{rec.number} → 200 {json.dumps(answer, ensure_ascii=False)} ({sig_note})")
         response = web.json_response(answer)
         if callback is not None and target is not None and target.when == "after":
-            # Put the answer on the wire first, then call back: "after" holds by construction.
-            await response.prepare(request)
-            await response.write_eof()
+            # Put the answer on the wire first, then call back: "after" holds by construction. A client
+            # that gave up meanwhile (its timeout) does not undo the recall: the callback still goes.
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionResetError:
+                self.journal.append(f"#{rec.number} the client had gone; the recall stands")
             task = asyncio.create_task(self._send_callback(callback, app, target, request.remote, before=False))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

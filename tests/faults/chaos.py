@@ -42,7 +42,7 @@ from tests.faults.cluster import Cluster
 from tests.faults.cluster_scenarios import cut_off, heal
 from tests.faults.harness import APP, TOKEN, RelayProcess, make_callback
 from tests.faults.node import PrivateRabbit, free_port
-from tests.tencent_sim import TencentSim
+from tests.tencent_sim import SentCallback, TencentSim
 
 KEY = "c4a0ef4e3b1d2f8a9b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a"  # the simulator's secret key
 API_TOKEN = "chaos-moderation-token-0123"
@@ -442,6 +442,20 @@ class Chaos:
             spool_left[f"r{i}"] = (await asyncio.to_thread(spool_stats, relay)).get("events", -1)
         delivered = Counter(m for m, _ in await collect(self.cluster.urls, MODERATION))
         audit = [orjson.loads(body) for _, body in await collect(self.cluster.urls, AUDIT)]
+        # What the checker reads, kept beside requests.jsonl: a run can be checked again without its queues.
+        (self.root / "queues.json").write_bytes(
+            orjson.dumps(
+                {
+                    "delivered": delivered,
+                    "audit": [{k: e.get(k) for k in ("type", "requestID", "revokedEventID")} for e in audit],
+                    "relay_down": self.relay_down,
+                    "in_doubt": sum(self.in_doubt.values()),
+                    "spool_found": self.spool_found,
+                    "spool_left": spool_left,
+                },
+                option=orjson.OPT_NON_STR_KEYS,
+            )
+        )
         verdict = check(
             [*self.requests, *self.tencent_callbacks()],
             delivered,
@@ -457,13 +471,19 @@ class Chaos:
         return verdict
 
     def tencent_callbacks(self) -> list[Request]:
-        """The simulator's recall callbacks as requests, with the eventIDs the relay derives from them."""
-        out = []
-        for sent in self.sim.callbacks:
-            query = CallbackQuery.parse(parse_qsl(sent.query))
-            ids = [e.event_id for e in normalize(orjson.dumps(sent.body), query, 0).events]
-            out.append(Request("tencent", -1, 0.0, status=sent.status, code=sent.reply[:40] or None, event_ids=ids))
-        return out
+        """The simulator's recall callbacks as requests (checked like the load's)."""
+        return [tencent_request(sent) for sent in self.sim.callbacks]
+
+
+def tencent_request(sent: SentCallback) -> Request:
+    """One callback the simulator sent, with the eventIDs the relay derives from it and the relay's
+    refusal code (``ErrorInfo`` of its Tencent-style reply)."""
+    query = CallbackQuery.parse(parse_qsl(sent.query))
+    ids = [e.event_id for e in normalize(orjson.dumps(sent.body), query, 0).events]
+    code = None
+    with contextlib.suppress(ValueError, AttributeError):
+        code = orjson.loads(sent.reply).get("ErrorInfo") or None
+    return Request("tencent", -1, 0.0, status=sent.status, code=code, event_ids=ids)
 
 
 async def collect(urls: str, queue: str, settle: float = 3.0, timeout: float = 900.0) -> list[tuple[str, bytes]]:

@@ -113,3 +113,21 @@ async def test_three_minutes_of_random_faults(rabbitmq_installed: None, tmp_path
     status, report = await main_async(Profile(180.0), seed, tmp_path / "report", root=tmp_path / "run")
     assert report is not None
     assert 0 == status, f"chaos seed {seed} failed:\n{report.read_text()}"
+
+
+def test_a_tencent_callback_is_checked_with_the_relays_refusal_code() -> None:
+    """The simulator's callback carries the eventID the relay derives and the code of the relay's reply,
+    so a documented 503 to Tencent is not taken for an undocumented one."""
+    from relay.tencent.callback import C2C_RECALL
+    from relay.tencent.samples import callback_query, sample_body
+    from tests.faults.chaos import tencent_request
+    from tests.faults.harness import APP, TOKEN
+    from tests.tencent_sim import SentCallback
+
+    body = sample_body("c2c")
+    query = callback_query(C2C_RECALL, APP, TOKEN, platform="RESTAPI")
+    reply = '{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":"spool_full"}'
+    request = tencent_request(SentCallback(C2C_RECALL, APP, query, body, False, 503, reply))
+    args = {"relay_down": {}, "in_doubt": 0, "spool_found": 0, "spool_left": {}, "duration": 10}
+    assert (503, "spool_full", 1) == (request.status, request.code, len(request.event_ids))
+    assert [] == check([*_steady(), request], Counter(ALL), [], **args).violations  # type: ignore[arg-type]
