@@ -18,7 +18,7 @@ run sample: export RELAY_LOG_FORMAT ?= console
 KIND ?= c2c
 IMAGE ?= localhost/revoke-relay:dev
 
-.PHONY: run sample test lint typecheck ops pytest faults faults-cluster faults-redis bench broker synapse image image-test clean
+.PHONY: run sample test lint typecheck ops pytest faults faults-cluster faults-redis chaos bench broker synapse image image-test clean
 
 # What serving needs (make run); the test extras come on top (make test and the other targets).
 $(RUN_STAMP): pyproject.toml constraints.txt
@@ -88,6 +88,13 @@ faults-redis: $(STAMP)
 	rm -f bench/results/faults-redis.json
 	RELAY_REDIS_FAULTS=full RELAY_REDIS_FAULTS_OUT=bench/results/faults-redis.json \
 		$(BIN)/pytest -p no:cacheprovider -s -v tests/faults/test_redis.py
+
+# Random overlapping faults over the whole deployment (three nodes, two relays, Redis, the Tencent
+# simulator) for DURATION with a fresh seed (SEED=N repeats a run), then the checker; the report and its
+# timeline go to bench/results/chaos-<date>.md/.png (the PNG needs the bench extra: matplotlib).
+DURATION ?= 30m
+chaos: $(STAMP)
+	$(BIN)/python -m tests.faults.chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests examples bench

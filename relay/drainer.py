@@ -3,7 +3,8 @@
 A batch is published in spool order on one channel without waiting between messages (RabbitMQ
 keeps per-channel publish order into a queue), then the confirmed ones are deleted in one
 transaction. A message whose confirm is lost stays spooled and is published again later with the
-same message_id: at-least-once, never at-most-once.
+same message_id: at-least-once, never at-most-once. Confirmed messages whose delete failed (a full
+disk) are not published again: only their delete is retried.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import structlog
 
 from relay.metrics import Metrics
 from relay.publisher import Publisher
-from relay.spool import Spool
+from relay.spool import Spool, SpooledEvent
 
 log = structlog.get_logger()
 
@@ -39,6 +40,7 @@ class Drainer:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._drained_in_run = 0
+        self._confirmed: list[SpooledEvent] = []  # confirmed by RabbitMQ, not yet deleted from the spool
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="spool-drainer")
@@ -59,25 +61,36 @@ class Drainer:
 
     async def drain_once(self) -> tuple[int, int]:
         """Publish the oldest batch; delete what was confirmed. Return (drained, failed)."""
+        retried = await self._forget_confirmed()
         batch = await self.spool.oldest(self.batch_size)
         if not batch:
-            return 0, 0
+            return retried, 0
         results = await asyncio.gather(*(self.publisher.publish(e.envelope) for e in batch), return_exceptions=True)
-        confirmed = [event for event, result in zip(batch, results, strict=True) if result is None]
+        self._confirmed = [event for event, result in zip(batch, results, strict=True) if result is None]
         failures = [result for result in results if result is not None]
-        if confirmed:
-            await self.spool.delete(confirmed)
-            self._metrics.events_drained.inc(len(confirmed))
-            for event in confirmed:
-                self._metrics.child(self._metrics.events_published, event.envelope.conversation_type).inc()
+        confirmed = await self._forget_confirmed()
         if failures:
             log.warning(
                 "relay.drain_failed",
                 failed=len(failures),
-                confirmed=len(confirmed),
+                confirmed=confirmed,
                 reason=getattr(failures[0], "reason", repr(failures[0])[:200]),
             )
-        return len(confirmed), len(failures)
+        return retried + confirmed, len(failures)
+
+    async def _forget_confirmed(self) -> int:
+        """Delete the events RabbitMQ confirmed; how many. While the delete fails (SQLite cannot write
+        to a full disk) they stay remembered here and the next round retries the delete alone: reading
+        them from the spool again would publish them again, duplicates no in-doubt count reports."""
+        confirmed = self._confirmed
+        if not confirmed:
+            return 0
+        await self.spool.delete(confirmed)
+        self._confirmed = []
+        self._metrics.events_drained.inc(len(confirmed))
+        for event in confirmed:
+            self._metrics.child(self._metrics.events_published, event.envelope.conversation_type).inc()
+        return len(confirmed)
 
     async def _run(self) -> None:
         backoff = 0.0

@@ -274,6 +274,10 @@ class TencentSim:
         """The next *n* matching calls are carried out, then answered *seconds* later."""
         self._faults.append(_Fault("delay", n, seconds, api, app))
 
+    def clear_faults(self) -> None:
+        """Forget every scripted fault not used up yet (a chaos run's Tencent outage ends)."""
+        self._faults.clear()
+
     def callbacks_to(
         self, url: str, app: str, token: str | None = None, *, when: When = "after", delay: float = 0.0
     ) -> None:
@@ -348,9 +352,13 @@ class TencentSim:
         self.journal.append(f"#{rec.number} → 200 {json.dumps(answer, ensure_ascii=False)} ({sig_note})")
         response = web.json_response(answer)
         if callback is not None and target is not None and target.when == "after":
-            # Put the answer on the wire first, then call back: "after" holds by construction.
-            await response.prepare(request)
-            await response.write_eof()
+            # Put the answer on the wire first, then call back: "after" holds by construction. A client
+            # that gave up meanwhile (its timeout) does not undo the recall: the callback still goes.
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionResetError:
+                self.journal.append(f"#{rec.number} the client had gone; the recall stands")
             task = asyncio.create_task(self._send_callback(callback, app, target, request.remote, before=False))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

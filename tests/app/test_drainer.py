@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from relay.dispatch import Dispatcher
 from relay.drainer import Drainer
 from relay.errors import SpoolError
 from relay.metrics import Metrics
-from relay.spool import Spool
+from relay.spool import Spool, SpooledEvent
 from tests.helpers import RecordingPublisher, envelopes
 
 
@@ -170,3 +171,29 @@ async def test_no_broker_and_no_spool_raises(tmp_path: Path, publisher: Recordin
             await Dispatcher(publisher, spool, metrics).dispatch(envelopes(1))
     finally:
         await spool.close()
+
+
+async def test_a_failed_delete_is_retried_without_publishing_again(
+    spool: Spool, publisher: RecordingPublisher, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Confirmed events whose delete fails (SQLite on a full disk; found by the chaos run, issue 22) are
+    not published again: the next round retries the delete alone, so each event reaches RabbitMQ once."""
+    items = envelopes(10)
+    for item in items:
+        await spool.put([item])
+    real_delete = spool.delete
+    failures = [sqlite3.OperationalError("database or disk is full")]
+
+    async def delete(events: Sequence[SpooledEvent]) -> None:
+        if failures:
+            raise failures.pop()
+        await real_delete(events)
+
+    monkeypatch.setattr(spool, "delete", delete)
+    drainer = Drainer(spool, publisher, metrics, batch_size=64)
+    with pytest.raises(sqlite3.OperationalError):
+        await drainer.drain_once()
+    assert (10, 0) == await drainer.drain_once()
+    assert 0 == spool.events
+    assert [e.event_id for e in items] == [e.event_id for e in publisher.published]
+    assert 10 == metrics.registry.get_sample_value("relay_events_drained_total")
