@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -165,9 +164,13 @@ async def test_publisher_logs_in_with_its_client_certificate(tls_node: TlsNode, 
     assert f"on localhost:{tls_node.port}" in err.getvalue()
 
 
-async def test_consumer_example_takes_the_same_tls_url(tls_node: TlsNode, names: dict[str, str]) -> None:
-    """examples/consumer.py connects (robust) with the relay's TLS URL and certificate login and
-    receives what the relay's publisher sends."""
+async def test_consumer_example_takes_the_same_tls_url(
+    tls_node: TlsNode, names: dict[str, str], postgres_url: str
+) -> None:
+    """examples/consumer.py (on the consumer kit) connects with the relay's TLS URL and certificate login
+    and takes down what the relay's publisher sends, once."""
+    import asyncpg
+
     example = load_example()
     url = tls_node.url(client=tls_node.files.client)
     topology = example.Topology(
@@ -176,26 +179,28 @@ async def test_consumer_example_takes_the_same_tls_url(tls_node: TlsNode, names:
         dead_letter_exchange=f"{names['exchange']}.dlx",
         dead_letter_queue=f"{names['queue']}.dlq",
     )
-    got: list[dict[str, Any]] = []
-
-    async def handle(event: dict[str, Any]) -> None:
-        got.append(event)
-
-    consuming = asyncio.create_task(example.consume(url, handle, topology, stop_after=1, connection_name="tls-example"))
-    async with running_publisher(url, names["exchange"], (), f"test:{names['queue']}") as publisher:
-        await asyncio.wait_for(publisher.connected.wait(), 15)
-        envelope = envelopes(1)[0]
+    await example.prepare(url, postgres_url, topology)
+    consumer = example.build(url, postgres_url, topology, inbox=names["queue"])
+    consuming = asyncio.create_task(consumer.run())
+    envelope = envelopes(1)[0]
+    try:
+        async with running_publisher(url, names["exchange"], (), f"test:{names['queue']}") as publisher:
+            await asyncio.wait_for(publisher.connected.wait(), 15)
+            await publisher.publish(envelope)  # the queue is bound by prepare(): routable at once
         async with asyncio.timeout(15):
-            # The consumer declares its queue a moment after it connects: publish until it is bound.
-            while True:
-                try:
-                    await publisher.publish(envelope)
-                    break
-                except Exception:  # noqa: BLE001 - returned (unroutable) until the example's queue is bound
-                    await asyncio.sleep(0.1)
-        stats = await asyncio.wait_for(consuming, 15)
-    assert 1 == stats.processed
-    assert envelope.event_id == got[0]["eventID"]
+            while consumer.stats.handled < 1:
+                await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
+        await asyncio.wait_for(consuming, 10)
+        db = await asyncpg.connect(postgres_url)
+        try:
+            rows = await db.fetch("SELECT event_id FROM example_takedowns WHERE event_id = $1", envelope.event_id)
+            await db.execute("DELETE FROM example_takedowns WHERE event_id = $1", envelope.event_id)
+            await db.execute("DELETE FROM relay_inbox WHERE consumer = $1", names["queue"])
+        finally:
+            await db.close()
+    assert [envelope.event_id] == [row["event_id"] for row in rows]
 
 
 async def test_password_login_over_tls_checks_the_broker_certificate(tls_node: TlsNode, names: dict[str, str]) -> None:
