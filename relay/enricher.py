@@ -13,6 +13,10 @@ from relay.metrics import Metrics
 from relay.store.base import CorrelationStore, SendRecord, correlation_key
 
 _BREAKER_SECONDS = 1.0
+# Lookups that failed in a row before the store is skipped: one slow answer (a GC pause, a busy
+# machine) costs only the lookups in flight, not a second of recalls; a dead store opens the breaker
+# after three budgets.
+_BREAKER_AFTER = 3
 
 
 class Enricher:
@@ -40,7 +44,8 @@ class Enricher:
         self.sends = sends and store is not None
         self._recalls = recalls and store is not None
         self._admin = admin
-        self._open_until = 0.0  # circuit breaker: skip lookups briefly after a failure
+        self._open_until = 0.0  # circuit breaker: skip lookups briefly after failures in a row
+        self._failures = 0  # lookups failed in a row (kept past an open breaker: one more reopens it)
 
     async def record(self, records: Sequence[SendRecord]) -> None:
         if self.store is not None and self.sends and records:
@@ -78,9 +83,12 @@ class Enricher:
                 async with asyncio.timeout(self._budget):
                     found, requests = await self._lookups(store, keys, wanted)
         except Exception:  # noqa: BLE001 - timeout or store failure: publish unenriched
-            self._open_until = time.monotonic() + _BREAKER_SECONDS
+            self._failures += 1
+            if self._failures >= _BREAKER_AFTER:
+                self._open_until = time.monotonic() + _BREAKER_SECONDS
             self._count_joins(wanted, "error")
             return self._mark(events, "error") if self.sends else list(events)
+        self._failures = 0
         enriched = self._apply_sends(events, keys, found) if self.sends else self._mark(events, "disabled")
         if self._recalls:
             by_key = dict(zip(wanted, requests, strict=True))

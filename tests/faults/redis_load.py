@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class Outcome:
     recovered_after: float | None = None  # seconds from the fault until a full second of recalls all hit
     non_hits_after_heal: int = 0  # recalls not enriched after the failed node came back
     hit_rate: dict[str, float] = field(default_factory=dict)
+    results: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> enrichment -> recalls
     readyz: set[int] = field(default_factory=set)
     store: dict[str, Any] = field(default_factory=dict)
     # After the fault: seconds from it (rounded down) -> non-hit results of the recalls posted then
@@ -71,6 +73,7 @@ class Outcome:
             "hit_before": self.hit_rate.get("before"),
             "hit_during": self.hit_rate.get("during"),
             "hit_after": self.hit_rate.get("after"),
+            "results": self.results,
             "recovered_after_s": None if self.recovered_after is None else round(self.recovered_after, 2),
             "non_hits_after_heal": self.non_hits_after_heal,
             "readyz": sorted(self.readyz),
@@ -92,16 +95,18 @@ async def run_load(
     outage: float,
     after: float,
     spool_dir: Path | None = None,
+    budget: float = 0.25,
 ) -> Outcome:
     """Send callbacks at *rate*/s (half sends, half recalls of the messages sent LAG s before) and
-    gateway requests at 5/s; *fault* runs after *before* s, *heal* *outage* s later; then *after* s."""
+    gateway requests at 5/s; *fault* runs after *before* s, *heal* *outage* s later; then *after* s.
+    *budget*: RELAY_ENRICHMENT_TIMEOUT."""
     directory = spool_dir or Path(tempfile.mkdtemp(prefix="relay-spool-"))
     settings = make_settings(
         directory,
         RELAY_API_TOKENS=f"moderation-svc={API_TOKEN}",
         RELAY_TENCENT_SECRET_KEYS=f"{APP}={SECRET}",
         RELAY_RECALL_JOIN_TTL="600",
-        **{"RELAY_ENRICHMENT_TIMEOUT": "0.25", **redis_env},
+        **{"RELAY_ENRICHMENT_TIMEOUT": str(budget), **redis_env},
     )
     publisher = RecordingPublisher()
     app = create_app(settings, publisher=publisher, registry=CollectorRegistry())
@@ -264,6 +269,7 @@ def _tally(
         if out.healed_at and at >= out.healed_at and result != "hit":
             out.non_hits_after_heal += 1
     out.hit_rate = {p: round(sum(r == "hit" for r in rs) / len(rs), 3) for p, rs in phases.items() if rs}
+    out.results = {p: dict(Counter(rs)) for p, rs in phases.items() if rs}
     out.gateway = len(gateway)
     out.gateway_ok = sum(1 for _, s, _ in gateway if s == 200)
     out.gateway_503 = sum(1 for _, s, t in gateway if s == 503 and "store_unavailable" in t)

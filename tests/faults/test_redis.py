@@ -126,27 +126,42 @@ def assert_failover_ok(outcome: Outcome, *, bound: float = RECOVERY_BOUND, after
     assert 0 == outcome.gateway_other
     assert 0 == outcome.gateway_503_outside
     assert outcome.gateway_ok == outcome.tencent_calls  # Tencent never called without the records written
-    assert outcome.hit_rate["before"] >= 0.99
-    assert outcome.hit_rate["after"] >= after_rate
+    assert outcome.hit_rate["before"] >= 0.99, outcome.results
+    assert outcome.hit_rate["after"] >= after_rate, outcome.results
     assert outcome.recovered_after is not None
     assert outcome.recovered_after <= bound
     assert {200} == outcome.readyz  # callbacks do not need Redis: ready throughout
 
 
+def assert_all_hits(outcome: Outcome) -> None:
+    """Every recall found its send record: never a miss (that would be a record written to or read
+    from the wrong node); at most 1 % over the budget while this 2-core machine is busy."""
+    assert (0, 0) == (outcome.lost, outcome.status_5xx)
+    assert 0 == outcome.results["before"].get("miss", 0), outcome.results
+    assert outcome.hit_rate["before"] >= 0.99, outcome.results
+
+
+# Without a fault the claim is correctness, not speed: the budget is 2 s (Tencent's own wait), so a
+# busy CI machine's pauses do not read as a store failure (a 0.25 s budget once gave 24 % "error").
+NO_FAULT_BUDGET = 2.0
+
+
 async def test_cluster_enriches_and_joins_with_no_fault(cluster: redis_nodes.Cluster) -> None:
     """Through a cluster, every recall of a recorded send is a hit and every gateway request is answered 200."""
-    outcome = await run_load(cluster_env(cluster), rate=RATE, before=4, fault=None, heal=None, outage=0, after=0)
-    assert (0, 0) == (outcome.lost, outcome.status_5xx)
-    assert outcome.hit_rate["before"] >= 0.99
+    outcome = await run_load(
+        cluster_env(cluster), rate=RATE, before=4, fault=None, heal=None, outage=0, after=0, budget=NO_FAULT_BUDGET
+    )
+    assert_all_hits(outcome)
     assert outcome.gateway == outcome.gateway_ok == outcome.tencent_calls
     assert ("cluster", 3) == (outcome.store["mode"], outcome.store["primaries"])
 
 
 async def test_sentinel_enriches_and_joins_with_no_fault(sentinels: redis_nodes.SentinelSet) -> None:
     """Through Sentinel, every recall of a recorded send is a hit and every gateway request is answered 200."""
-    outcome = await run_load(sentinel_env(sentinels), rate=RATE, before=3, fault=None, heal=None, outage=0, after=0)
-    assert (0, 0) == (outcome.lost, outcome.status_5xx)
-    assert outcome.hit_rate["before"] >= 0.99
+    outcome = await run_load(
+        sentinel_env(sentinels), rate=RATE, before=3, fault=None, heal=None, outage=0, after=0, budget=NO_FAULT_BUDGET
+    )
+    assert_all_hits(outcome)
     assert outcome.gateway == outcome.gateway_ok == outcome.tencent_calls
     assert ("sentinel", 1) == (outcome.store["mode"], outcome.store["primaries"])
 

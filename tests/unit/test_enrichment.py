@@ -232,34 +232,56 @@ async def test_entries_expire_after_the_ttl() -> None:
     assert ["miss"] == [x.enrichment for x in await e.enrich(recalls(c2c_recall()))]
 
 
-async def test_slow_store_is_an_error_within_the_budget() -> None:
-    """A store slower than the budget yields enrichment=error quickly, then the breaker skips lookups."""
+class Flaky:
+    """A remote store whose next *slow* lookups hang (an overloaded Redis), then answer with a record."""
 
-    class Slow:
-        """A remote store that hangs (e.g. an overloaded Redis)."""
+    name = "flaky"
+    local = False
 
-        name = "slow"
-        local = False
+    def __init__(self, slow: int) -> None:
+        self.slow = slow
+        self.calls = 0
 
-        async def start(self) -> None: ...
+    async def start(self) -> None: ...
 
-        async def close(self) -> None: ...
+    async def close(self) -> None: ...
 
-        def submit(self, records: Sequence[SendRecord]) -> None: ...
+    def submit(self, records: Sequence[SendRecord]) -> None: ...
 
-        async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
+        self.calls += 1
+        if self.calls <= self.slow:
             await asyncio.sleep(5)
-            return [None for _ in keys]
+        return [b'{"m":null,"s":"u","t":null}' for _ in keys]
 
+
+async def test_slow_store_is_an_error_within_the_budget() -> None:
+    """A store slower than the budget yields enrichment=error quickly; after three failures in a
+    row the breaker skips lookups without waiting."""
     metrics = Metrics(CollectorRegistry())
-    e = Enricher(Slow(), metrics, budget=0.05, evidence=False)
+    store = Flaky(slow=100)
+    e = Enricher(store, metrics, budget=0.05, evidence=False)
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    (event,) = await e.enrich(recalls(c2c_recall()))
-    assert "error" == event.enrichment
-    assert loop.time() - started < 0.5
+    for _ in range(3):
+        started = loop.time()
+        (event,) = await e.enrich(recalls(c2c_recall()))
+        assert "error" == event.enrichment
+        assert loop.time() - started < 0.5
+    assert 3 == store.calls
     assert "error" == (await e.enrich(recalls(c2c_recall())))[0].enrichment  # breaker open: no wait
-    assert 2 == metrics.registry.get_sample_value("relay_correlation_lookups_total", {"result": "error"})
+    assert 3 == store.calls
+    assert 4 == metrics.registry.get_sample_value("relay_correlation_lookups_total", {"result": "error"})
+
+
+async def test_one_slow_lookup_does_not_skip_the_store() -> None:
+    """One lookup over the budget (a pause on a busy machine) costs that lookup only: the next one
+    asks the store again and is a hit."""
+    metrics = Metrics(CollectorRegistry())
+    store = Flaky(slow=1)
+    e = Enricher(store, metrics, budget=0.05, evidence=False)
+    assert "error" == (await e.enrich(recalls(c2c_recall())))[0].enrichment
+    assert "hit" == (await e.enrich(recalls(c2c_recall())))[0].enrichment
+    assert 2 == store.calls
 
 
 async def test_memory_store_is_bounded() -> None:
