@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,27 @@ async def run_load(
 ) -> Outcome:
     """Send callbacks at *rate*/s (half sends, half recalls of the messages sent LAG s before) and
     gateway requests at 5/s; *fault* runs after *before* s, *heal* *outage* s later; then *after* s.
-    *budget*: RELAY_ENRICHMENT_TIMEOUT."""
+    *budget*: RELAY_ENRICHMENT_TIMEOUT. A run that outlives its length by a minute fails with the
+    stacks of its tasks."""
+    async with stall_guard(before + outage + after + 60):
+        return await _run_load(
+            redis_env, rate=rate, before=before, fault=fault, heal=heal, outage=outage, after=after,
+            spool_dir=spool_dir, budget=budget,
+        )  # fmt: skip
+
+
+async def _run_load(
+    redis_env: dict[str, str],
+    *,
+    rate: float,
+    before: float,
+    fault: Fault | None,
+    heal: Fault | None,
+    outage: float,
+    after: float,
+    spool_dir: Path | None = None,
+    budget: float = 0.25,
+) -> Outcome:
     directory = spool_dir or Path(tempfile.mkdtemp(prefix="relay-spool-"))
     settings = make_settings(
         directory,
@@ -223,6 +244,36 @@ async def run_load(
         await client.close()
     _tally(out, statuses, recalls, gateway, publisher, tencent)
     return out
+
+
+@contextlib.asynccontextmanager
+async def stall_guard(limit: float) -> AsyncIterator[None]:
+    """Fail a run that outlives *limit* seconds with every asyncio task's stack printed (captured by
+    pytest): a stall becomes a failure that says where each task waited, not a bare timeout."""
+    main = asyncio.current_task()
+    assert main is not None
+    stalled = False
+
+    async def watch() -> None:
+        nonlocal stalled
+        await asyncio.sleep(limit)
+        stalled = True
+        print(f"=== the run outlived {limit:.0f} s; every task's stack ===")
+        for task in asyncio.all_tasks():
+            buffer = io.StringIO()
+            task.print_stack(file=buffer)
+            print(buffer.getvalue())
+        main.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if stalled:
+            raise AssertionError(f"the load run stalled past {limit:.0f} s (task stacks printed above)") from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def _send(sender: str, key: str) -> dict[str, Any]:
