@@ -13,8 +13,9 @@ from relay.metrics import Metrics
 from relay.store.base import CorrelationStore, SendRecord, correlation_key
 
 _BREAKER_SECONDS = 1.0
-# Lookups that failed in a row before the store is skipped: one slow answer (a GC pause, a busy
-# machine) costs only the lookups in flight, not a second of recalls; a dead store opens the breaker
+# Failures in a row before the store is skipped for _BREAKER_SECONDS. Lookups that were already
+# waiting when a failure was seen fail with it and count once: one slow answer or a pause of the
+# relay itself costs the lookups in flight, not a second of recalls; a dead store opens the breaker
 # after three budgets.
 _BREAKER_AFTER = 3
 
@@ -45,7 +46,8 @@ class Enricher:
         self._recalls = recalls and store is not None
         self._admin = admin
         self._open_until = 0.0  # circuit breaker: skip lookups briefly after failures in a row
-        self._failures = 0  # lookups failed in a row (kept past an open breaker: one more reopens it)
+        self._failures = 0  # failures in a row (kept past an open breaker: one more reopens it)
+        self._failed_at = float("-inf")  # when the last failure was seen
 
     async def record(self, records: Sequence[SendRecord]) -> None:
         if self.store is not None and self.sends and records:
@@ -68,7 +70,8 @@ class Enricher:
         if not self.sends and not wanted:
             self._count_unmatched(events, joins)
             return self._mark(events, "disabled")
-        if time.monotonic() < self._open_until:
+        started = time.monotonic()
+        if started < self._open_until:
             self._count_joins(wanted, "error")
             return self._mark(events, "error") if self.sends else list(events)
         # A provider other than Tencent computes its own store key (Matrix: room and event ID);
@@ -83,7 +86,9 @@ class Enricher:
                 async with asyncio.timeout(self._budget):
                     found, requests = await self._lookups(store, keys, wanted)
         except Exception:  # noqa: BLE001 - timeout or store failure: publish unenriched
-            self._failures += 1
+            if started >= self._failed_at:  # not one that was waiting when the last failure was seen
+                self._failures += 1
+            self._failed_at = time.monotonic()
             if self._failures >= _BREAKER_AFTER:
                 self._open_until = time.monotonic() + _BREAKER_SECONDS
             self._count_joins(wanted, "error")

@@ -284,6 +284,18 @@ async def test_one_slow_lookup_does_not_skip_the_store() -> None:
     assert 2 == store.calls
 
 
+async def test_lookups_that_time_out_together_count_once() -> None:
+    """Ten recalls waiting when the store (or the relay's own loop) paused all overrun the budget at
+    once: that is one failure, not ten, so the breaker stays closed and the next lookup is a hit."""
+    metrics = Metrics(CollectorRegistry())
+    store = Flaky(slow=10)
+    e = Enricher(store, metrics, budget=0.05, evidence=False)
+    waited = await asyncio.gather(*(e.enrich(recalls(c2c_recall())) for _ in range(10)))
+    assert ["error"] * 10 == [events[0].enrichment for events in waited]
+    assert "hit" == (await e.enrich(recalls(c2c_recall())))[0].enrichment
+    assert 11 == store.calls
+
+
 async def test_memory_store_is_bounded() -> None:
     """The embedded store keeps at most RELAY_CORRELATION_MAX_ENTRIES, dropping the oldest."""
     metrics = Metrics(CollectorRegistry())
