@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import tempfile
 import time
@@ -34,6 +35,28 @@ GATEWAY_CONVERSATION = ("u_gw_a", "u_gw_b")
 
 
 @dataclass
+class Pauses:
+    """The longest GC pause and event-loop lag seen during the load (the relay runs in this process,
+    so a pause here is the relay's too): a failure's message says whether the process stalled."""
+
+    gc_max: float = 0.0
+    loop_lag_max: float = 0.0
+    _gc_started: float = 0.0
+
+    def gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_max = max(self.gc_max, time.perf_counter() - self._gc_started)
+
+    async def sample_loop(self, every: float = 0.01) -> None:
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(every)
+            self.loop_lag_max = max(self.loop_lag_max, time.perf_counter() - asked - every)
+
+
+@dataclass
 class Outcome:
     """What a run saw; times are seconds from the start of the load."""
 
@@ -55,6 +78,7 @@ class Outcome:
     hit_rate: dict[str, float] = field(default_factory=dict)
     results: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> enrichment -> recalls
     readyz: set[int] = field(default_factory=set)
+    pauses: Pauses = field(default_factory=Pauses)
     store: dict[str, Any] = field(default_factory=dict)
     # After the fault: seconds from it (rounded down) -> non-hit results of the recalls posted then
     timeline: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -78,6 +102,8 @@ class Outcome:
             "recovered_after_s": None if self.recovered_after is None else round(self.recovered_after, 2),
             "non_hits_after_heal": self.non_hits_after_heal,
             "readyz": sorted(self.readyz),
+            "gc_max_ms": round(self.pauses.gc_max * 1000, 1),
+            "loop_lag_max_ms": round(self.pauses.loop_lag_max * 1000, 1),
             "store": self.store,
             "non_hits_by_second_after_fault": self.timeline,
         }
@@ -202,8 +228,14 @@ async def _run_load(
         await post(C2C_SEND, _send("u_warm", key), None, count=False)
         await post(C2C_RECALL, {"From_Account": "u_warm", "To_Account": "u_peer", "MsgKey": key}, None, count=False)
     await asyncio.sleep(1.5)
+    # The relay and this load share pytest's process: a full collection of what the tests before
+    # left behind would pause both. Frozen here, as `relay serve` freezes its start-up heap.
+    gc.collect()
+    gc.freeze()
+    gc.callbacks.append(out.pauses.gc)
     start = time.monotonic()
     prober = asyncio.create_task(probe_ready())
+    lagger = asyncio.create_task(out.pauses.sample_loop())
     total = before + outage + after
     interval = 2.0 / rate  # one send and one recall per interval
     n = 0
@@ -237,11 +269,15 @@ async def _run_load(
             while tasks:
                 await asyncio.sleep(0.05)
     finally:
-        prober.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await prober
+        gc.callbacks.remove(out.pauses.gc)
+        gc.unfreeze()
+        for task in (prober, lagger):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await api.close()
         await client.close()
+        gc.collect()  # what this run left unclosed is reported now, in this test, not in a later one
     _tally(out, statuses, recalls, gateway, publisher, tencent)
     return out
 

@@ -30,7 +30,17 @@ RATE = 200.0
 # Enrichment hits must resume within cluster-node-timeout + 5 s, plus the recall lag of the load.
 RECOVERY_BOUND = redis_nodes.NODE_TIMEOUT_MS / 1000 + 5 + 0.5
 full_only = pytest.mark.skipif(not FULL, reason="full profile only (make faults-redis)")
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.fault,
+    pytest.mark.timeout(180),
+    # Now and then (about one run in six of the kill scenarios) redis-py leaves a connection it was
+    # using when a node died open, without closing its StreamWriter, and the garbage collector finds
+    # it (Python closes the socket then, and warns). Not yet traced to its line in redis-py; each run
+    # collects before it ends (redis_load), so the warning stays in these tests, where it is ignored.
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. <function StreamWriter.__del__:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
