@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import io
 import tempfile
@@ -15,13 +16,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, cast
 
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from relay.app import API, GATEWAY, create_app
+from relay.app import API, GATEWAY, RUNTIME, create_app
 from relay.tencent.callback import C2C_RECALL
 from relay.tencent.samples import callback_query
 from relay.tencent.sends import C2C_SEND
@@ -32,28 +33,6 @@ from tests.helpers import APP, TOKEN, RecordingPublisher, make_settings
 LAG = 0.5  # a message is recalled this long after it was sent
 GATEWAY_EVERY = 0.2  # one gateway request each 200 ms (5/s), all in one conversation (one slot)
 GATEWAY_CONVERSATION = ("u_gw_a", "u_gw_b")
-
-
-@dataclass
-class Pauses:
-    """The longest GC pause and event-loop lag seen during the load (the relay runs in this process,
-    so a pause here is the relay's too): a failure's message says whether the process stalled."""
-
-    gc_max: float = 0.0
-    loop_lag_max: float = 0.0
-    _gc_started: float = 0.0
-
-    def gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            self.gc_max = max(self.gc_max, time.perf_counter() - self._gc_started)
-
-    async def sample_loop(self, every: float = 0.01) -> None:
-        while True:
-            asked = time.perf_counter()
-            await asyncio.sleep(every)
-            self.loop_lag_max = max(self.loop_lag_max, time.perf_counter() - asked - every)
 
 
 @dataclass
@@ -78,7 +57,9 @@ class Outcome:
     hit_rate: dict[str, float] = field(default_factory=dict)
     results: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> enrichment -> recalls
     readyz: set[int] = field(default_factory=set)
-    pauses: Pauses = field(default_factory=Pauses)
+    # The longest GC pause and event-loop lag the relay saw (relay/runtime.py; it runs in this process)
+    gc_max: float = 0.0
+    loop_lag_max: float = 0.0
     store: dict[str, Any] = field(default_factory=dict)
     # After the fault: seconds from it (rounded down) -> non-hit results of the recalls posted then
     timeline: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -102,16 +83,30 @@ class Outcome:
             "recovered_after_s": None if self.recovered_after is None else round(self.recovered_after, 2),
             "non_hits_after_heal": self.non_hits_after_heal,
             "readyz": sorted(self.readyz),
-            "gc_max_ms": round(self.pauses.gc_max * 1000, 1),
-            "loop_lag_max_ms": round(self.pauses.loop_lag_max * 1000, 1),
+            "gc_max_ms": round(self.gc_max * 1000, 1),
+            "loop_lag_max_ms": round(self.loop_lag_max * 1000, 1),
             "store": self.store,
             "non_hits_by_second_after_fault": self.timeline,
         }
 
 
 Fault = Callable[[], Awaitable[None]]
+P = ParamSpec("P")
 
 
+def _stall_guarded(run: Callable[P, Awaitable[Outcome]]) -> Callable[P, Awaitable[Outcome]]:
+    """*run* under stall_guard, for the length of its load plus a minute."""
+
+    @functools.wraps(run)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> Outcome:
+        length = sum(cast(float, kwargs[k]) for k in ("before", "outage", "after"))
+        async with stall_guard(length + 60):
+            return await run(*args, **kwargs)
+
+    return guarded
+
+
+@_stall_guarded
 async def run_load(
     redis_env: dict[str, str],
     *,
@@ -128,25 +123,6 @@ async def run_load(
     gateway requests at 5/s; *fault* runs after *before* s, *heal* *outage* s later; then *after* s.
     *budget*: RELAY_ENRICHMENT_TIMEOUT. A run that outlives its length by a minute fails with the
     stacks of its tasks."""
-    async with stall_guard(before + outage + after + 60):
-        return await _run_load(
-            redis_env, rate=rate, before=before, fault=fault, heal=heal, outage=outage, after=after,
-            spool_dir=spool_dir, budget=budget,
-        )  # fmt: skip
-
-
-async def _run_load(
-    redis_env: dict[str, str],
-    *,
-    rate: float,
-    before: float,
-    fault: Fault | None,
-    heal: Fault | None,
-    outage: float,
-    after: float,
-    spool_dir: Path | None = None,
-    budget: float = 0.25,
-) -> Outcome:
     directory = spool_dir or Path(tempfile.mkdtemp(prefix="relay-spool-"))
     settings = make_settings(
         directory,
@@ -232,10 +208,10 @@ async def _run_load(
     # left behind would pause both. Frozen here, as `relay serve` freezes its start-up heap.
     gc.collect()
     gc.freeze()
-    gc.callbacks.append(out.pauses.gc)
+    lag, gc_pauses = app[RUNTIME]
+    lag.take_max(), gc_pauses.take_max()  # the worst from here on
     start = time.monotonic()
     prober = asyncio.create_task(probe_ready())
-    lagger = asyncio.create_task(out.pauses.sample_loop())
     total = before + outage + after
     interval = 2.0 / rate  # one send and one recall per interval
     n = 0
@@ -269,12 +245,11 @@ async def _run_load(
             while tasks:
                 await asyncio.sleep(0.05)
     finally:
-        gc.callbacks.remove(out.pauses.gc)
         gc.unfreeze()
-        for task in (prober, lagger):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        out.loop_lag_max, out.gc_max = lag.take_max(), gc_pauses.take_max()
+        prober.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await prober
         await api.close()
         await client.close()
         gc.collect()  # what this run left unclosed is reported now, in this test, not in a later one
