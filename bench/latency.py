@@ -45,7 +45,7 @@ import uvloop
 from pamqp import commands as spec
 
 from bench import procstat
-from bench.broker_ceiling import Topology, _properties, relay_envelopes
+from bench.broker_ceiling import Counters, Topology, _properties, relay_envelopes, run_workers
 from bench.services import Relay, amqp_url
 from relay.tencent.callback import C2C_RECALL
 from relay.tencent.samples import callback_query, sample_body
@@ -167,21 +167,21 @@ async def broker_phase(
     channel: aiormq.abc.AbstractChannel, topo: Topology, seconds: float, window: int, run: Run
 ) -> None:
     messages = [(e.body, e.routing_key, _properties(e)) for e in relay_envelopes(256)]
-    until = time.monotonic() + seconds
 
-    async def publisher(offset: int) -> None:
-        i = offset
-        while time.monotonic() < until:
-            body, key, properties = messages[i % len(messages)]
-            i += window
-            start = time.monotonic()
-            confirmation = await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lacks `wait`
-                body, exchange=topo.exchange, routing_key=key, properties=properties, mandatory=True, wait=False
-            )
-            if isinstance(confirmation, spec.Basic.Ack):
-                run.confirms.append((start, time.monotonic() - start))
+    async def publish_one(i: int) -> bool:
+        body, key, properties = messages[i % len(messages)]
+        start = time.monotonic()
+        confirmation = await channel.basic_publish(  # type: ignore[call-arg]  # aiormq's abc lacks `wait`
+            body, exchange=topo.exchange, routing_key=key, properties=properties, mandatory=True, wait=False
+        )
+        acked = isinstance(confirmation, spec.Basic.Ack)
+        if acked:
+            run.confirms.append((start, time.monotonic() - start))
+        return acked
 
-    await asyncio.gather(*(publisher(w) for w in range(window)))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(seconds, stop.set)
+    await run_workers(publish_one, Counters(), window, stop)
 
 
 async def drive(relay: Relay, args: argparse.Namespace, run: Run) -> None:
